@@ -1,0 +1,38 @@
+# fedfs: two commands from a fresh clone.
+#   make demo   creates .venv, installs fedfs, runs the demo federation on a local folder
+#   make test   creates .venv, installs fedfs + test tools (+ Samba via apt), runs the suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The CPU build of torch; an unpinned install would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.fedfs-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv system-deps bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing torch (CPU) and fedfs into $(VENV) ..."
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
+	@$(PIP) install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import fedfs, torch, nnunetv2, moto, s3fs, smbprotocol, pytest" || (echo "install failed" >&2; exit 1)
+	@touch $(STAMP)
+
+# Samba for the SMB backend tests (real server on a loopback port).
+system-deps:
+	@command -v smbd >/dev/null 2>&1 || { echo "installing samba ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq samba >/dev/null) \
+	  || { echo "could not install samba: the SMB tests will fail with the reason" >&2; }; }
+
+demo: $(STAMP)
+	$(VENV)/bin/fedfs demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,198 @@
+"""The ``fedfs`` command line: a thin shell over the Python API.
+
+Heavy modules (torch, nnunetv2, s3fs) are imported inside commands, so
+``fedfs --help`` stays fast. Errors are one line on stderr with the exit code
+from :data:`fedfs.errors.EXIT_CODES`; ``--debug`` or ``FEDFS_DEBUG=1`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from .errors import ConfigError, FedfsError, exit_code_for
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``-so key=value`` pairs plus ``FEDFS_STORAGE_OPTIONS`` (JSON), values parsed as JSON when they parse."""
+    opts: dict[str, Any] = {}
+    env = os.environ.get("FEDFS_STORAGE_OPTIONS")
+    if env:
+        try:
+            opts.update(json.loads(env))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"FEDFS_STORAGE_OPTIONS is not valid JSON: {exc.msg}") from None
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"storage option {pair!r} must look like key=value")
+        k, v = pair.split("=", 1)
+        if k.lower() in ("password", "secret", "key", "token", "secret_access_key"):
+            raise ConfigError(f"secrets are not taken as flags: set {k} in the environment (see docs/security.md)")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return opts
+
+
+url_argument = click.argument("url", envvar="FEDFS_URL")
+storage_option = click.option(
+    "-so", "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+    help="Backend option, e.g. -so endpoint_url=http://127.0.0.1:9000 (repeatable; also FEDFS_STORAGE_OPTIONS as JSON).",
+)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, envvar="FEDFS_DEBUG", help="Show tracebacks on errors (also FEDFS_DEBUG=1).")
+@click.version_option(package_name="fedfs")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Federated nnU-Net over a shared bucket: a folder, an SMB share or S3.
+
+    Sites and the aggregator never connect to each other; they read and
+    write signed files in one bucket.
+
+    \b
+    Example (one machine, a local folder as the bucket):
+      fedfs keygen agg --role aggregator -o keys
+      fedfs keygen A -o keys && fedfs keygen B -o keys
+      fedfs init /tmp/fed --sites A,B --keys keys
+      fedfs doctor /tmp/fed
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--role", type=click.Choice(["site", "aggregator"]), default="site", show_default=True)
+@click.option("-o", "--out", "out_dir", default="keys", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
+def keygen(name: str, role: str, out_dir: str) -> None:
+    """Create an Ed25519 key pair for a site or the aggregator.
+
+    Send NAME.pub to the coordinator; NAME.key never leaves this machine.
+
+    \b
+    Example:
+      fedfs keygen HospitalA -o /etc/fedfs/keys
+    """
+    from .signing import generate_keypair
+
+    key, pub = generate_keypair(name, role, out_dir)
+    click.echo(f"wrote {key} (private, keep it here) and {pub} (public, send it to the coordinator)")
+
+
+@main.command(context_settings=CONTEXT)
+@url_argument
+@click.option("--sites", required=True, help="Comma-separated site names, e.g. A,B,C.")
+@click.option("--keys", "key_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder with every SITE.pub and the aggregator's .key.")
+@click.option("--mode", type=click.Choice(["ffe", "asym"]), default="ffe", show_default=True,
+              help="ffe: one plan from a merged fingerprint; asym: local plans, shared layers averaged.")
+@click.option("-c", "--configuration", default="2d", show_default=True, help="nnU-Net configuration to train.")
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--local-epochs", type=int, default=1, show_default=True, help="nnU-Net epochs per round.")
+@click.option("--aggregation", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
+@click.option("--buffer-size", type=int, default=0, help="FedBuff K (async); 0 = number of sites.")
+@click.option("--min-sites", type=int, default=0, help="Sync: after --deadline, aggregate with at least this many.")
+@click.option("--deadline", "deadline_s", type=float, default=0.0, help="Sync: seconds to wait for slow sites (0 = forever).")
+@click.option("--max-staleness", type=int, default=8, show_default=True)
+@click.option("--weighting", type=click.Choice(["cases", "uniform"]), default="cases", show_default=True)
+@click.option("--align", type=click.Choice(["resolution", "name"]), default="resolution", show_default=True,
+              help="AsymFedAvg layer matching: by resolution level, or by name (the reference behaviour).")
+@storage_option
+def init(url: str, sites: str, key_dir: str, storage_options: tuple[str, ...], **settings: Any) -> None:
+    """Write federation.json (once) to the bucket at URL.
+
+    A second init with identical settings is a no-op; with different
+    settings it fails and names the differences.
+
+    \b
+    Example:
+      fedfs init s3://fed-bucket/liver --sites A,B,C --keys keys --mode ffe --rounds 20
+    """
+    from .federation import Federation, config_from_key_dir
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    config, identity = config_from_key_dir(key_dir, names, **settings)
+    fed, created = Federation.create(url, config, identity, storage_options=_storage_options(storage_options))
+    verb = "created" if created else "already initialised (identical settings)"
+    click.echo(f"{fed.store.url}: federation {verb}; sha256 {fed.digest}")
+    click.echo(f"  mode {fed.config.mode}, {fed.config.aggregation}, sites {', '.join(fed.config.site_names)}, "
+               f"aggregator {fed.config.aggregator.name}")
+
+
+@main.command(context_settings=CONTEXT)
+@url_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--prefix", default=None, help="Probe prefix (default doctor/HOST-RANDOM); a site may use sites/NAME/doctor.")
+@storage_option
+def doctor(url: str, as_json: bool, prefix: str | None, storage_options: tuple[str, ...]) -> None:
+    """Check that a bucket works from this machine; exit 0 when usable.
+
+    Writes, lists, reads back, checks that exclusive publish really is
+    exclusive (also under concurrent writers), round-trips a sha256 and
+    measures latency, then verifies federation.json if there is one.
+
+    \b
+    Example:
+      AWS_ENDPOINT_URL=https://minio.local:9000 fedfs doctor s3://fed-bucket/liver
+    """
+    from .doctor import run_doctor
+    from .store import open_store
+
+    store = open_store(url, _storage_options(storage_options))
+    report = run_doctor(store, probe_prefix=prefix)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+    sys.exit(0 if report.ok else 9)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Working folder (default: a new temporary folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+def demo(workdir: str | None, as_json: bool) -> None:
+    """Run a small federation end to end on a local folder.
+
+    \b
+    Example:
+      fedfs demo --dir /tmp/fedfs-demo
+    """
+    from .demo import run_demo
+
+    result = run_demo(workdir, echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+def run() -> None:
+    """Console-script entry point: one-line errors with documented exit codes."""
+    debug = "--debug" in sys.argv or os.environ.get("FEDFS_DEBUG", "") not in ("", "0")
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FedfsError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"fedfs: error: {exc}", err=True)
+        sys.exit(exit_code_for(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last-resort one-line error
+        if debug:
+            traceback.print_exc()
+        click.echo(f"fedfs: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        sys.exit(1)

@@ -1,0 +1,189 @@
+"""The :class:`Federation` object: a bucket URL, its verified ``federation.json``, and a party.
+
+This is the entry point of the Python API and what every CLI command uses::
+
+    from fedfs import Federation
+    fed = Federation.open("s3://bucket/fed1", identity="keys/A.key")
+    fed.config.site_names            # ['A', 'B', 'C']
+
+``federation.json`` is the trust root. It is written once by ``fedfs init``,
+signed by the aggregator key it lists; a party may pin its sha256
+(``--federation-digest`` / ``FEDFS_FEDERATION_DIGEST``) so that a bucket
+administrator cannot swap the federation under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from . import layout
+from .bucket import Bucket
+from .documents import canonical_json, loads_strict
+from .errors import ConfigError, Conflict, IntegrityError, NotFound, SchemaError
+from .schema import FederationConfig, Party
+from .signing import Identity, load_identity, parse_envelope, parse_public_key, read_public_key_file, utcnow, verify_envelope
+from .store import Store, open_store
+
+MAX_FEDERATION_BYTES = 1024 * 1024
+
+
+class Federation:
+    """A federation on one bucket, optionally acting as one of its parties."""
+
+    def __init__(self, store: Store, config: FederationConfig, digest: str, identity: Identity | None = None):
+        self.store = store
+        self.config = config
+        self.digest = digest
+        self.bucket = Bucket(store, config)
+        self.identity = identity
+        if identity is not None:
+            self._check_identity(identity)
+
+    # ---- opening --------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        url: str | Store,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        identity: Identity | str | os.PathLike[str] | None = None,
+        pin: str | None = None,
+    ) -> Federation:
+        """Open the federation at ``url``; verify ``federation.json`` (and ``pin``, its sha256)."""
+        store = url if isinstance(url, Store) else open_store(url, storage_options)
+        where = store.describe(layout.FEDERATION)
+        try:
+            data = store.read_bytes(layout.FEDERATION, max_size=MAX_FEDERATION_BYTES)
+        except NotFound:
+            raise NotFound(f"{where}: no federation here; run `fedfs init` first") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if pin and pin != digest:
+            raise IntegrityError(f"{where}: sha256 {digest} differs from the pinned {pin} (federation replaced?)")
+        env = parse_envelope(loads_strict(data, where), where)
+        config = FederationConfig.from_dict(env["body"], where)
+        if env["signer"] != config.aggregator.name or env["role"] != "aggregator":
+            raise SchemaError(f"{where}: must be signed by its aggregator {config.aggregator.name!r}")
+        verify_envelope(env, parse_public_key(config.aggregator.public_key, where), where)
+        if isinstance(identity, (str, os.PathLike)):
+            identity = load_identity(identity)
+        return cls(store, config, digest, identity)
+
+    @classmethod
+    def create(
+        cls,
+        url: str | Store,
+        config: FederationConfig,
+        identity: Identity,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> tuple[Federation, bool]:
+        """Write ``federation.json`` once. Returns (federation, created).
+
+        A second call with the same settings returns the existing federation
+        (``created`` False); with different settings it raises Conflict naming them.
+        """
+        store = url if isinstance(url, Store) else open_store(url, storage_options)
+        if identity.role != "aggregator" or identity.name != config.aggregator.name:
+            raise ConfigError(f"federation.json must be signed with the aggregator's key ({config.aggregator.name}.key)")
+        if identity.public_key_b64 != config.aggregator.public_key:
+            raise ConfigError("the aggregator key does not match the aggregator public key in the configuration")
+        if not config.federation_id:
+            config = replace(config, federation_id=uuid.uuid4().hex)
+        if not config.created:
+            config = replace(config, created=utcnow())
+        config.validate(store.describe(layout.FEDERATION))
+        data = canonical_json(identity.sign(config.to_dict()))
+        try:
+            store.publish(layout.FEDERATION, data)
+            return cls.open(store, identity=identity), True
+        except Conflict:
+            existing = cls.open(store, identity=identity)
+            diffs = _config_differences(existing.config, config)
+            if diffs:
+                raise Conflict(
+                    f"{store.describe(layout.FEDERATION)}: a different federation already exists here "
+                    f"(differs in {', '.join(diffs)}); use a new bucket prefix"
+                ) from None
+            return existing, False
+
+    def as_party(self, identity: Identity | str | os.PathLike[str]) -> Federation:
+        """This federation, acting as the party whose private key is ``identity``."""
+        if not isinstance(identity, Identity):
+            identity = load_identity(identity)
+        return Federation(self.store, self.config, self.digest, identity)
+
+    def _check_identity(self, identity: Identity) -> None:
+        party = self.config.party(identity.name)
+        if party is None:
+            raise ConfigError(f"{identity.name!r} is not a member of this federation ({self.store.url})")
+        if party.role != identity.role:
+            raise ConfigError(f"key {identity.name!r} has role {identity.role!r}, federation.json says {party.role!r}")
+        if party.public_key != identity.public_key_b64:
+            raise ConfigError(f"the private key for {identity.name!r} does not match its public key in federation.json")
+
+    def require_identity(self, role: str) -> Identity:
+        if self.identity is None:
+            raise ConfigError(f"this step needs the {role}'s private key (--key or FEDFS_KEY)")
+        if self.identity.role != role:
+            raise ConfigError(f"this step is for the {role}, but the key is {self.identity.role} {self.identity.name!r}")
+        return self.identity
+
+    def __repr__(self) -> str:
+        return f"Federation({self.store.url!r}, mode={self.config.mode!r}, sites={self.config.site_names})"
+
+
+def _config_differences(a: FederationConfig, b: FederationConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    ignore = {"federation_id", "created"}
+    return sorted(k for k in set(da) | set(db) if k not in ignore and da.get(k) != db.get(k))
+
+
+def config_from_key_dir(
+    key_dir: str | os.PathLike[str],
+    sites: list[str],
+    *,
+    aggregator: str | None = None,
+    **settings: Any,
+) -> tuple[FederationConfig, Identity]:
+    """Build a configuration from ``NAME.pub`` files in ``key_dir``; return it and the aggregator's identity.
+
+    The aggregator is the one ``*.key`` with role aggregator in ``key_dir``
+    (or ``aggregator``). Every site needs ``SITE.pub`` there.
+    """
+    from pathlib import Path
+
+    d = Path(key_dir)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: key folder not found (create keys with `fedfs keygen`)")
+    agg_identity = None
+    candidates = [aggregator] if aggregator else [p.stem for p in sorted(d.glob("*.key"))]
+    for name in candidates:
+        path = d / f"{name}.key"
+        if path.exists():
+            ident = load_identity(path)
+            if ident.role == "aggregator":
+                agg_identity = ident
+                break
+    if agg_identity is None:
+        raise ConfigError(f"{d}: no aggregator private key (run `fedfs keygen NAME --role aggregator -o {d}`)")
+    parties = []
+    for site in sites:
+        layout.check_name(site)
+        pub = d / f"{site}.pub"
+        if not pub.exists():
+            raise ConfigError(f"{pub}: missing public key for site {site!r} (the site runs `fedfs keygen {site}`)")
+        key, role, name = read_public_key_file(pub)
+        if role != "site" or name != site:
+            raise ConfigError(f"{pub}: is a key for {role} {name!r}, not site {site!r}")
+        parties.append(Party(name=site, role="site", public_key=key))
+    config = FederationConfig(
+        federation_id=settings.pop("federation_id", ""),
+        aggregator=Party(name=agg_identity.name, role="aggregator", public_key=agg_identity.public_key_b64),
+        sites=parties,
+        **settings,
+    )
+    return config, agg_identity
