@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from . import layout
 from .documents import MAX_DOCUMENT_BYTES, Document, canonical_json, loads_strict
-from .errors import Conflict, IntegrityError, NotFound, SchemaError, SignatureError, StateUnknown, StoreUnavailable
+from .errors import ConfigError, Conflict, IntegrityError, NotFound, SchemaError, SignatureError, StateUnknown, StoreUnavailable
 from .schema import BlobRef, FederationConfig
 from .signing import Identity, parse_envelope, parse_public_key, verify_envelope
 from .store import Store, sha256_file
@@ -128,6 +128,7 @@ class Bucket:
     # ---- writing --------------------------------------------------------------
     def publish(self, key: str, doc: Document, identity: Identity) -> Signed[Any]:
         """Exclusively publish ``doc`` at ``key``, signed; idempotent for re-runs (see module doc)."""
+        self.check_may_write(key, identity)
         env = identity.sign(doc.to_dict())
         data = canonical_json(env)
         where = self.store.describe(key)
@@ -162,8 +163,20 @@ class Bucket:
         return Signed(key, doc, env["signer"], env["role"], env["writer_token"], env["signed_at"],
                       hashlib.sha256(data).hexdigest())
 
+    @staticmethod
+    def check_may_write(key: str, identity: Identity) -> None:
+        """Refuse, before any I/O, to write where readers would reject ``identity``'s signature."""
+        expected = layout.writer_of(key)
+        if expected is None or expected[0] == "aggregator":
+            ok = identity.role == "aggregator"
+        else:
+            ok = identity.role == "site" and identity.name == expected[1]
+        if not ok:
+            raise ConfigError(f"{identity.role} {identity.name!r} may not write {key!r} (another party's location)")
+
     def write_mutable(self, key: str, doc: Document, identity: Identity) -> None:
         """Overwrite a signed *hint* (latest, heartbeat, status). Never used for protocol state."""
+        self.check_may_write(key, identity)
         self.store.write_bytes(key, canonical_json(identity.sign(doc.to_dict())))
 
     # ---- blobs ----------------------------------------------------------------

@@ -168,6 +168,9 @@ def run_doctor(store: Store, *, probe_prefix: str | None = None, racers: int = 4
         return True, f"median small write {report.latency_ms['write_ms']:.1f} ms, read {report.latency_ms['read_ms']:.1f} ms", None
 
     check("write", do_write)
+    if not report.checks[-1].ok:  # unreachable or read-only: the other checks would only repeat it
+        report.checks.append(Check("other checks", False, "not run: the bucket cannot be written"))
+        return report
     check("list", do_list)
     check("read back", do_read)
     check("exclusive publish", do_exclusive)

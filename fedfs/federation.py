@@ -182,6 +182,8 @@ def config_from_key_dir(
         parties.append(Party(name=site, role="site", public_key=key))
     config = FederationConfig(
         federation_id=settings.pop("federation_id", ""),
+        mode=settings.pop("mode", "ffe"),
+        configuration=settings.pop("configuration", "2d"),
         aggregator=Party(name=agg_identity.name, role="aggregator", public_key=agg_identity.public_key_b64),
         sites=parties,
         **settings,

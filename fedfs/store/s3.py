@@ -1,7 +1,7 @@
 """An S3-compatible object store (AWS, MinIO, Ceph RGW, moto) through s3fs.
 
-Exclusive publish is one ``PUT`` with ``If-None-Match: *`` (s3fs mode
-``"xb"``): the server answers 412 when the key exists, which s3fs raises as
+Exclusive publish is one ``PUT`` with ``If-None-Match: *`` (s3fs ``pipe_file``
+with ``mode="create"``): the server answers 412 when the key exists, which s3fs raises as
 ``FileExistsError``. S3 PUTs are atomic, so readers never see partial objects.
 
 Endpoint and credentials come the standard way (``AWS_ENDPOINT_URL``,
@@ -55,8 +55,7 @@ class S3Store(Store):
         self.fs.pipe_file(self._p(key), data)
 
     def _publish(self, key: str, data: bytes) -> None:
-        with self.fs.open(self._p(key), "xb") as fh:
-            fh.write(data)
+        self.fs.pipe_file(self._p(key), data, mode="create")
 
     def _exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._p(key)))

@@ -1,0 +1,365 @@
+"""Model weights as safetensors: canonical keys, metadata, validation without loading.
+
+Weights cross the bucket only as safetensors (8-byte little-endian header length,
+a JSON header, then raw little-endian tensor bytes); never pickle. A file from the
+bucket is untrusted, so :func:`inspect_weights` parses the header itself, strictly
+and under a size limit, and checks that the byte ranges tile the file exactly,
+before anything looks at tensor data. :func:`validate_update` adds a streaming
+finiteness check (one bounded chunk at a time, no mmap).
+
+Accepted dtypes (``ALLOWED_DTYPES``): F32, F16, BF16, F64 for weights, and I64 for
+integer counter buffers such as BatchNorm's ``num_batches_tracked`` (aggregation
+takes their elementwise maximum; see :mod:`fedfs.aggregate`). Everything else,
+booleans and other integers included, is rejected: nnU-Net networks hold none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from .errors import IntegrityError, SchemaError, TooLarge, ValidationError
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "FLOAT_DTYPES",
+    "MAX_HEADER",
+    "TensorInfo",
+    "WeightsInfo",
+    "canonical_state",
+    "save_weights",
+    "weights_metadata",
+    "inspect_weights",
+    "validate_update",
+    "check_finite",
+    "check_shapes",
+    "load_weights",
+    "safetensors_header",
+    "pread_exact",
+]
+
+#: safetensors dtype name -> (bytes per element, torch dtype)
+ALLOWED_DTYPES: Mapping[str, tuple[int, torch.dtype]] = MappingProxyType({
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64),
+})
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+_TORCH_TO_NAME = {t: name for name, (_, t) in ALLOWED_DTYPES.items()}
+
+MAX_HEADER = 16 * 1024 * 1024  # a 128-tensor nnU-Net header is ~15 KiB
+MAX_KEY_LEN = 512
+MAX_RANK = 8
+_CHECK_CHUNK = 4 * 1024 * 1024
+_COMPILE_PREFIX = "_orig_mod."
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a validated header; start/end are absolute file offsets."""
+
+    dtype: str
+    shape: Shape
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """A validated safetensors header: where every tensor lies, and the metadata."""
+
+    path: str
+    size: int
+    metadata: Mapping[str, str]
+    tensors: Mapping[str, TensorInfo]  # sorted by key
+
+    def shapes(self) -> dict[str, Shape]:
+        return {k: t.shape for k, t in self.tensors.items()}
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+# ---- writing -------------------------------------------------------------------
+def canonical_state(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors worth saving, under stable keys, with no aliases.
+
+    From a module: ``named_parameters()`` plus the persistent ``named_buffers()``
+    (nnU-Net's ``state_dict()`` repeats the encoder under ``decoder.encoder.*``,
+    which safetensors refuses). From a dict: aliases of an earlier key (same
+    storage, offset, shape and strides) are dropped, keeping the first in the
+    dict's order, which is registration order for a ``state_dict()``. torch.compile's
+    ``_orig_mod.`` segments are removed from every key.
+    """
+    if isinstance(module_or_state, torch.nn.Module):
+        persistent = set(module_or_state.state_dict(keep_vars=True))
+        items: list[tuple[str, torch.Tensor]] = list(module_or_state.named_parameters())
+        items += [(k, b) for k, b in module_or_state.named_buffers() if k in persistent]
+    else:
+        items = list(module_or_state.items())
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for key, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValidationError(f"state entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        t = tensor.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and t.device.type != "meta" and ident in seen:
+            continue
+        seen.add(ident)
+        name = key.replace(_COMPILE_PREFIX, "")
+        if name in out:
+            raise ValidationError(f"keys {key!r} and {name!r} collide once {_COMPILE_PREFIX!r} is removed")
+        out[name] = t.to("cpu").contiguous()
+    return out
+
+
+def weights_metadata(*, federation: str, site: str, version: int, base_version: int | None = None,
+                     num_cases: int | None = None, plans_digest: str | None = None,
+                     **extra: str) -> dict[str, str]:
+    """The str->str metadata fedfs writes into every weights file."""
+    meta = {"federation": federation, "site": site, "version": str(version)}
+    if base_version is not None:
+        meta["base_version"] = str(base_version)
+    if num_cases is not None:
+        meta["num_cases"] = str(num_cases)
+    if plans_digest is not None:
+        meta["plans_digest"] = plans_digest
+    meta.update(extra)
+    return meta
+
+
+def save_weights(path: str | os.PathLike[str], tensors: torch.nn.Module | Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (a module or a state dict, canonicalised) as safetensors.
+
+    The file appears atomically (temporary file, then rename), so a crash never
+    leaves half a file under ``path``.
+    """
+    from safetensors.torch import save_file
+
+    state = canonical_state(tensors)
+    for key, t in state.items():
+        if t.dtype not in _TORCH_TO_NAME:
+            raise ValidationError(f"tensor {key!r} has dtype {t.dtype}; allowed: {sorted(ALLOWED_DTYPES)}")
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValidationError(f"metadata must map str to str, got {k!r}: {v!r}")
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.incomplete"
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def safetensors_header(entries: Sequence[tuple[str, str, Shape]], metadata: Mapping[str, str] | None) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix included, padded to 8) for tensors stored in ``entries`` order.
+
+    Returns the header and each entry's data offset relative to the data start.
+    Deterministic: the same entries and metadata give the same bytes.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offsets, pos = [], 0
+    for key, dtype, shape in entries:
+        nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype][0]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+# ---- reading and validation ----------------------------------------------------
+def _sniff(path: str, head: bytes) -> None:
+    if head[:4] == b"PK\x03\x04":
+        raise SchemaError(f"{path}: is a zip archive (torch.save format), not safetensors; fedfs never unpickles")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise SchemaError(f"{path}: is a Python pickle, not safetensors; fedfs never unpickles")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise SchemaError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise SchemaError(f"non-standard JSON constant {name}")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_entry(path: str, key: Any, entry: Any, data_start: int) -> TensorInfo:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN or not key.isprintable():
+        raise SchemaError(f"{path}: tensor name {str(key)[:40]!r} is empty, too long or not printable")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise SchemaError(f"{path}: tensor {key!r} entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in ALLOWED_DTYPES:
+        raise SchemaError(f"{path}: tensor {key!r} has dtype {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_int(d) for d in shape):
+        raise SchemaError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise SchemaError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype][0]
+    if offsets[1] - offsets[0] != nbytes:
+        raise SchemaError(f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes; "
+                          f"{dtype}{shape} needs {nbytes}")
+    return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def check_shapes(path: str, shapes: Mapping[str, Shape], expected: Mapping[str, Sequence[int]]) -> None:
+    """Raise SchemaError naming the first missing, extra or wrongly shaped tensor."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing:
+        raise SchemaError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if extra:
+        raise SchemaError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} extra in all)")
+    for key in sorted(expected):
+        if tuple(expected[key]) != shapes[key]:
+            raise SchemaError(f"{path}: tensor {key!r} has shape {list(shapes[key])}, "
+                              f"expected {list(expected[key])}")
+
+
+def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequence[int]] | None = None,
+                    max_header: int = MAX_HEADER) -> WeightsInfo:
+    """Validate a safetensors file's header and layout without reading tensor data.
+
+    Checks: not a pickle, header length within ``max_header``, strict JSON (no
+    duplicate keys, no NaN literals), allowed dtypes, shapes matching byte spans,
+    data ranges that tile the rest of the file exactly (so truncation and trailing
+    bytes are caught), and, if given, ``expected`` keys and shapes.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            _sniff(path, head)
+            if len(head) < 8:
+                raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
+            n = int.from_bytes(head, "little")
+            if n > max_header:
+                raise TooLarge(f"{path}: header of {n} bytes exceeds the {max_header}-byte limit")
+            if n < 2 or 8 + n > size:
+                raise IntegrityError(f"{path}: header length {n} does not fit a file of {size} bytes (truncated?)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ValidationError(f"{path}: cannot read: {exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise SchemaError("header is not a JSON object")
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, SchemaError, RecursionError) as exc:
+        raise SchemaError(f"{path}: malformed safetensors header: {exc}") from exc
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SchemaError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    tensors = {k: _parse_entry(path, k, v, data_start) for k, v in header.items()}
+    pos = data_start
+    for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if t.start != pos:
+            raise IntegrityError(f"{path}: tensor {key!r} starts at byte {t.start}, expected {pos} "
+                                 "(overlapping or gapped data)")
+        pos = t.end
+    if pos != size:
+        what = "truncated" if pos > size else "has trailing bytes"
+        raise IntegrityError(f"{path}: {what}: tensors need {pos} bytes, the file has {size}")
+    info = WeightsInfo(path, size, MappingProxyType(dict(meta)),
+                       MappingProxyType({k: tensors[k] for k in sorted(tensors)}))
+    if expected is not None:
+        check_shapes(path, info.shapes(), expected)
+    return info
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, path: str = "") -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a short file is an IntegrityError."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise IntegrityError(f"{path}: file ended at byte {offset + done} (truncated after validation?)")
+        done += got
+
+
+def check_finite(info: WeightsInfo, keys: Sequence[str] | None = None) -> None:
+    """Raise ValidationError naming the first tensor (in key order) holding NaN or Inf.
+
+    Streams in chunks of a few MiB through one reused buffer, so memory stays flat.
+    """
+    buf = bytearray(_CHECK_CHUNK)
+    view = memoryview(buf)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        for key in keys if keys is not None else list(info.tensors):
+            t = info.tensors[key]
+            if t.dtype not in FLOAT_DTYPES:
+                continue
+            item, tdtype = ALLOWED_DTYPES[t.dtype]
+            step = _CHECK_CHUNK // item * item
+            for off in range(t.start, t.end, step):
+                nb = min(step, t.end - off)
+                pread_exact(fd, view[:nb], off, info.path)
+                x = torch.frombuffer(buf, dtype=tdtype, count=nb // item)
+                if not bool(torch.isfinite(x).all()):
+                    what = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+                    raise ValidationError(f"{info.path}: tensor {key!r} contains {what}")
+    finally:
+        os.close(fd)
+
+
+def validate_update(path: str | os.PathLike[str], expected: Mapping[str, Sequence[int]] | None = None, *,
+                    max_header: int = MAX_HEADER) -> WeightsInfo:
+    """:func:`inspect_weights`, then a streaming check that every float value is finite."""
+    info = inspect_weights(path, expected=expected, max_header=max_header)
+    check_finite(info)
+    return info
+
+
+def load_weights(path: str | os.PathLike[str], expected: Mapping[str, Sequence[int]] | None = None, *,
+                 max_header: int = MAX_HEADER) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validate, then load all tensors (CPU) and the metadata. For sites loading a global."""
+    from safetensors import safe_open
+
+    info = validate_update(path, expected, max_header=max_header)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(info.path, framework="pt") as f:
+        for key in info.tensors:
+            tensors[key] = f.get_tensor(key)
+    return tensors, dict(info.metadata)

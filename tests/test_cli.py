@@ -1,0 +1,79 @@
+"""The CLI as a user runs it: real subprocesses of the installed ``fedfs`` console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FEDFS = str(Path(sys.executable).with_name("fedfs"))
+
+
+def run(*args, env=None, check=True):
+    proc = subprocess.run([FEDFS, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fedfs {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_is_light():
+    code = "import sys; from fedfs.cli import main; main(['--help'], standalone_mode=False); " \
+           "print(sorted(m for m in ('torch', 'nnunetv2', 's3fs', 'smbprotocol') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    for cmd in ("keygen", "init", "doctor", "demo"):
+        assert cmd in out
+
+
+def test_keygen_init_doctor_on_a_folder(tmp_path):
+    keys = tmp_path / "keys"
+    run("keygen", "agg", "--role", "aggregator", "-o", str(keys))
+    for s in ("A", "B"):
+        run("keygen", s, "-o", str(keys))
+    assert oct((keys / "A.key").stat().st_mode & 0o777) == "0o600"
+    again = run("keygen", "A", "-o", str(keys), check=False)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+    bucket = str(tmp_path / "bucket")
+    out = run("init", bucket, "--sites", "A,B", "--keys", str(keys), "--mode", "asym").stdout
+    assert "federation created" in out
+    assert "already initialised" in run("init", bucket, "--sites", "A,B", "--keys", str(keys), "--mode", "asym").stdout
+    conflict = run("init", bucket, "--sites", "A,B", "--keys", str(keys), "--mode", "ffe", check=False)
+    assert conflict.returncode == 5 and "differs in mode" in conflict.stderr
+    assert len(conflict.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    report = json.loads(run("doctor", bucket, "--json").stdout)
+    assert report["ok"] and report["federation"]["mode"] == "asym"
+    assert report["publish_mechanism"] == "link"
+
+
+def test_doctor_on_s3_via_aws_endpoint_url(s3_url, moto_endpoint):
+    proc = run("doctor", s3_url, env={"AWS_ENDPOINT_URL": moto_endpoint})
+    assert "[ok] exclusive publish" in proc.stdout and "verdict: usable" in proc.stdout
+    assert "If-None-Match" in proc.stdout
+
+
+def test_doctor_fails_clearly_on_unreachable_s3(tmp_path):
+    proc = run("doctor", "s3://no-such-bucket-here/x", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, check=False)
+    assert proc.returncode != 0 and "NOT usable" in proc.stdout
+
+
+def test_errors_are_one_line_unless_debug(tmp_path):
+    proc = run("init", str(tmp_path / "b"), "--sites", "A", "--keys", str(tmp_path / "none"), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("fedfs: error:") and "Traceback" not in proc.stderr
+    proc = run("--debug", "init", str(tmp_path / "b"), "--sites", "A", "--keys", str(tmp_path / "none"), check=False)
+    assert "Traceback" in proc.stderr
+
+
+def test_secrets_are_not_flags(tmp_path):
+    proc = run("doctor", str(tmp_path), "-so", "secret=abc", check=False)
+    assert proc.returncode == 2 and "environment" in proc.stderr
+
+
+def test_demo_runs(tmp_path):
+    proc = run("demo", "--dir", str(tmp_path / "demo"), "--json")
+    result = json.loads(proc.stdout)
+    assert result["doctor_ok"] and result["total_cases"] == 25
+    assert result["forged_document"].startswith("rejected")
