@@ -167,6 +167,7 @@ class PlansDocument(Document):
     digest: str
     summary: dict[str, Any]
     nnunet_version: str = ""
+    init_blob: BlobRef | None = None  # the site's initial weights: its declared architecture
 
     def validate(self, where: str) -> None:
         check_name(self.site)
@@ -216,9 +217,17 @@ class GlobalManifest(Document):
     next_rounds: dict[str, int] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
+    final: bool = False
+
     def validate(self, where: str) -> None:
         require(self.version >= 0, where, "version must be >= 0")
         require(self.blob is not None or bool(self.site_blobs), where, "a global names at least one blob")
+        for site in self.site_blobs:
+            check_name(site)
+
+    def blob_for(self, site: str) -> BlobRef | None:
+        """The weights ``site`` trains from: its own in AsymFedAvg, the one global in FFE."""
+        return self.site_blobs.get(site, self.blob)
 
 
 @document("latest")
