@@ -1,0 +1,408 @@
+"""The aggregator role: read bucket state, decide (pure, :mod:`fedfs.rounds`), act.
+
+One :meth:`Aggregator.step` does whatever is due now and returns what it did:
+merge the FFE census and fingerprint, check that FFE sites hold identical
+plans, publish the initial model ``v0``, and fold pending site updates into the
+next global. Every action is idempotent: the output of an aggregation is a pure
+function of its verified inputs, so a step killed at any point and run again
+publishes the same bytes, or finds the work done.
+
+Polling cost is constant in the number of rounds: the ``latest`` hint, one
+probe for the next version, and per site one probe for its next update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .errors import Conflict, FedfsError, NotFound, ValidationError
+from .federation import Federation
+from .rounds import Pending, SetupState, decide_aggregation, setup_due
+from .schema import (
+    BlobRef,
+    Census,
+    Contribution,
+    FingerprintSummary,
+    GlobalFingerprint,
+    GlobalManifest,
+    LatestHint,
+    PlansDocument,
+    Rejection,
+    SiteCensus,
+    StatusDocument,
+    UpdateManifest,
+)
+from .signing import utcnow
+
+log = logging.getLogger("fedfs.aggregator")
+
+#: Largest weights payload the aggregator downloads (bytes).
+MAX_WEIGHTS_BYTES = 4 * 1024**3
+_STALENESS_NAMES = {"inverse_sqrt": "sqrt", "constant": "constant", "polynomial": "polynomial", "hinge": "hinge"}
+
+
+@dataclass
+class StepResult:
+    action: str
+    detail: str = ""
+    version: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.action}: {self.detail}" if self.detail else self.action
+
+
+def parse_time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+
+
+class Aggregator:
+    """The aggregator of one federation; ``workdir`` holds a cache of verified payloads."""
+
+    def __init__(self, fed: Federation, workdir: str | os.PathLike[str], *, clock=time.time) -> None:
+        self.fed = fed
+        self.identity = fed.require_identity("aggregator")
+        self.config = fed.config
+        self.bucket = fed.bucket
+        self.work = Path(workdir)
+        self.cache = self.work / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._manifests: dict[int, Any] = {}
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._plans: dict[str, PlansDocument] = {}
+        self._rejected: dict[str, str] = self._load_rejections()
+
+    # ---- reading state ----------------------------------------------------------
+    def latest_version(self) -> int | None:
+        """Newest published global: the hint, then probes forward (constant cost when current)."""
+        hint = None
+        try:
+            hint = self.bucket.read(layout.LATEST, LatestHint).doc.version
+        except NotFound:
+            pass
+        except ValidationError as exc:
+            log.warning("ignoring a bad latest hint: %s", exc)
+        v = hint if hint is not None else -1
+        while self.fed.store.exists(layout.global_version(v + 1)):
+            v += 1
+        return None if v < 0 else v
+
+    def manifest(self, version: int):
+        if version not in self._manifests:
+            self._manifests[version] = self.bucket.read(layout.global_version(version), GlobalManifest)
+        return self._manifests[version]
+
+    # ---- the step ---------------------------------------------------------------
+    def step(self) -> StepResult:
+        """Do whatever is due now; never blocks waiting for sites."""
+        latest = self.latest_version()
+        if latest is None:
+            return self._setup_step()
+        return self._round_step(latest)
+
+    # ---- set-up: census, fingerprint, plans check, v0 ------------------------------
+    def _setup_step(self) -> StepResult:
+        c = self.config
+        st = SetupState()
+        store = self.fed.store
+        if c.mode == "ffe":
+            st.census_published = store.exists(layout.CENSUS)
+            if not st.census_published:
+                censuses = self._read_all(layout.site_census, SiteCensus)
+                st.census_sites = set(censuses)
+            else:
+                st.fingerprint_published = store.exists(layout.GLOBAL_FINGERPRINT)
+                if not st.fingerprint_published:
+                    summaries = self._read_all(layout.site_fingerprint, FingerprintSummary)
+                    st.summary_sites = set(summaries)
+        if c.mode == "asym" or st.fingerprint_published:
+            plans = self._read_all(layout.site_plans, PlansDocument)
+            st.plans_sites = set(plans)
+        due = setup_due(c, st)
+        if due == "census":
+            from .fingerprint import merge_census
+
+            merged = merge_census({s: {"num_cases": d.num_cases, "num_channels": d.num_channels}
+                                   for s, d in censuses.items()})
+            doc = Census(total_cases=merged["total_cases"], num_channels=merged["num_channels"], sites=merged["sites"])
+            self.bucket.publish(layout.CENSUS, doc, self.identity)
+            return StepResult("census", f"{doc.total_cases} cases over {len(doc.sites)} sites")
+        if due == "fingerprint":
+            from .fingerprint import merge_summaries
+
+            census = self.bucket.read(layout.CENSUS, Census).doc
+            try:
+                fp = merge_summaries({s: d.summary for s, d in summaries.items()},
+                                     {"total_cases": census.total_cases, "num_channels": census.num_channels,
+                                      "sites": census.sites})
+            except ValidationError as exc:
+                self._note_problem("fingerprint", str(exc))
+                return StepResult("blocked", f"cannot merge fingerprints: {exc}")
+            doc = GlobalFingerprint(fingerprint=fp, sites=sorted(summaries), total_cases=census.total_cases)
+            self.bucket.publish(layout.GLOBAL_FINGERPRINT, doc, self.identity)
+            return StepResult("fingerprint", f"merged fingerprint of {len(summaries)} sites published")
+        if due == "v0":
+            return self._publish_v0(plans)
+        return StepResult("wait", due.replace("wait-", "waiting for site ") if due.startswith("wait") else due)
+
+    def _read_all(self, key_fn, cls) -> dict[str, Any]:
+        out = {}
+        for site in self.config.site_names:
+            key = key_fn(site)
+            if key in self._rejected:
+                continue
+            try:
+                out[site] = self.bucket.read(key, cls).doc
+            except NotFound:
+                continue
+            except ValidationError as exc:
+                self._reject(key, str(exc))
+        return out
+
+    def _publish_v0(self, plans: dict[str, PlansDocument]) -> StepResult:
+        c = self.config
+        sites = c.site_names
+        if c.mode == "ffe":
+            digests = {s: plans[s].digest for s in sites}
+            if len(set(digests.values())) > 1:
+                from .fingerprint import diff_plans
+
+                ref = sites[0]
+                problems = []
+                for s in sites[1:]:
+                    if digests[s] != digests[ref]:
+                        fields = diff_plans(plans[ref].summary.get("plans", plans[ref].summary),
+                                            plans[s].summary.get("plans", plans[s].summary))
+                        problems.append(f"{s} differs from {ref} in {', '.join(fields[:8]) or 'unknown fields'}")
+                msg = "FFE sites hold different plans (nnU-Net version, planner or options differ): " + "; ".join(problems)
+                self._note_problem("plans", msg)
+                return StepResult("blocked", msg)
+        for s in sites:
+            if plans[s].init_blob is None:
+                self._reject(layout.site_plans(s), "plans document names no initial weights")
+                return StepResult("blocked", f"site {s} published no initial weights")
+            try:
+                self._site_shapes(s, plans[s])
+            except ValidationError as exc:
+                self._reject(layout.site_plans(s), str(exc))
+                return StepResult("blocked", f"initial weights of site {s} rejected: {exc}")
+        if c.mode == "ffe":
+            first = sites[0]
+            ref_shapes = self._shapes[first]
+            for s in sites[1:]:
+                if self._shapes[s] != ref_shapes:
+                    msg = f"site {s}'s network differs from {first}'s although their plans are identical"
+                    self._note_problem("plans", msg)
+                    return StepResult("blocked", msg)
+            doc = GlobalManifest(version=0, blob=plans[first].init_blob, next_rounds={s: 0 for s in sites},
+                                 report={"init": f"initial weights of site {first}"})
+        else:
+            doc = GlobalManifest(version=0, site_blobs={s: plans[s].init_blob for s in sites},
+                                 next_rounds={s: 0 for s in sites}, report={"init": "each site's own initial weights"})
+        self._commit(doc)
+        return StepResult("v0", "initial global published; training can start", version=0)
+
+    def _site_shapes(self, site: str, plans: PlansDocument | None = None) -> dict[str, tuple[int, ...]]:
+        """The site's declared architecture: keys and shapes of its verified initial weights."""
+        if site not in self._shapes:
+            from .weights import validate_update
+
+            plans = plans or self._plans_of(site)
+            path = self._fetch(plans.init_blob)
+            self._shapes[site] = dict(validate_update(path).shapes())
+        return self._shapes[site]
+
+    def _plans_of(self, site: str) -> PlansDocument:
+        if site not in self._plans:
+            self._plans[site] = self.bucket.read(layout.site_plans(site), PlansDocument).doc
+        return self._plans[site]
+
+    # ---- rounds ---------------------------------------------------------------------
+    def _round_step(self, version: int) -> StepResult:
+        c = self.config
+        current = self.manifest(version)
+        if version >= c.rounds or current.doc.final:
+            return StepResult("finished", f"v{version} is the final global", version=version)
+        pending, cursor, local = self._scan_updates(current.doc.next_rounds)
+        age = max(0.0, self.clock() - parse_time(current.signed_at))
+        decision = decide_aggregation(c, version, pending, cursor, age)
+        for p, reason in decision.rejected:
+            self._reject(p.key, reason)
+        if not decision.aggregate:
+            self._flush_status()
+            return StepResult("wait", decision.reason, version=version)
+        new = self._aggregate(version, list(decision.chosen), local, cursor, decision)
+        return StepResult("aggregated", f"v{new.version} from {len(new.contributions)} update(s): {decision.reason}",
+                          version=new.version, extra={"sites": [x.site for x in new.contributions]})
+
+    def _scan_updates(self, next_rounds: dict[str, int]) -> tuple[list[Pending], dict[str, int], dict[str, tuple]]:
+        """Verify every update from each site's cursor on; stop at the first missing one."""
+        pending: list[Pending] = []
+        cursor: dict[str, int] = {}
+        local: dict[str, tuple] = {}
+        for site in self.config.site_names:
+            r = next_rounds.get(site, 0)
+            while True:
+                key = layout.site_update(site, r)
+                if key in self._rejected:
+                    r += 1
+                    continue
+                try:
+                    signed = self.bucket.read(key, UpdateManifest)
+                except NotFound:
+                    break
+                except ValidationError as exc:
+                    self._reject(key, str(exc))
+                    r += 1
+                    continue
+                try:
+                    path = self._verify_update(site, signed.doc)
+                    pending.append(Pending(site, r, signed.doc.base_version, key))
+                    local[key] = (signed.doc, path)
+                except ValidationError as exc:
+                    self._reject(key, str(exc))
+                r += 1
+            cursor[site] = r
+        return pending, cursor, local
+
+    def _verify_update(self, site: str, upd: UpdateManifest) -> str:
+        from .weights import validate_update
+
+        plans = self._plans_of(site)
+        if upd.plans_digest and upd.plans_digest != plans.digest:
+            raise ValidationError(f"update trained with plans {upd.plans_digest[:12]}, site published {plans.digest[:12]}")
+        if upd.blob.size > MAX_WEIGHTS_BYTES:
+            raise ValidationError(f"payload of {upd.blob.size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
+        if not upd.blob.key.startswith(layout.site_prefix(site)):
+            raise ValidationError(f"payload {upd.blob.key} lies outside site {site}'s folder")
+        path = self._fetch(upd.blob)
+        validate_update(path, expected=self._site_shapes(site))
+        return path
+
+    def _fetch(self, ref: BlobRef) -> str:
+        """A verified local copy of a blob (cached by sha256)."""
+        path = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
+        if not path.exists():
+            self.bucket.get_blob_file(ref, str(path))
+        return str(path)
+
+    def _aggregate(self, version: int, chosen: list[Pending], local: dict[str, tuple], cursor: dict[str, int], decision):
+        from . import aggregate as agg
+
+        c = self.config
+        current = self.manifest(version).doc
+        updates = []
+        for p in chosen:
+            doc, path = local[p.key]
+            base_ref = self.manifest(doc.base_version).doc.blob_for(p.site) if doc.base_version != version else None
+            updates.append(agg.Update(site=p.site, path=path, num_cases=float(doc.num_cases),
+                                      base_version=doc.base_version,
+                                      base_path=self._fetch(base_ref) if base_ref is not None else None,
+                                      expected=self._site_shapes(p.site)))
+        staleness = agg.Staleness(_STALENESS_NAMES[c.staleness], c.staleness_a, c.staleness_b)
+        all_fresh = all(u.base_version == version for u in updates)
+        if c.aggregation == "sync" or (all_fresh and c.eta == 1.0):
+            rule = agg.FedAvg(weighting=c.weighting)
+        else:
+            rule = agg.FedBuff(eta=c.eta, staleness=staleness, max_staleness=c.max_staleness, weighting=c.weighting)
+        out_dir = self.work / "out" / f"v{version + 1:06d}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        meta = {"federation": c.federation_id, "version": str(version + 1), "producer": "fedfs-aggregator"}
+        final = decision.final or version + 1 >= c.rounds
+        if decision.final and not updates:
+            doc = GlobalManifest(version=version + 1, blob=current.blob, site_blobs=current.site_blobs,
+                                 next_rounds=cursor, report={"reason": decision.reason}, final=True)
+            self._commit(doc)
+            return doc
+        glob = self._fetch(current.blob) if current.blob is not None else None
+        if c.mode == "ffe":
+            res = agg.aggregate(updates, out_dir / "global.safetensors", rule=rule, global_path=glob, version=version,
+                                metadata=meta)
+            blob = self.bucket.put_blob_file(layout.aggregator_blob, res.path)
+            site_blobs: dict[str, BlobRef] = {}
+            sharing = {}
+        else:
+            align = "level" if c.align == "resolution" else "name"
+            res = agg.aggregate(updates, out_dir / "union.safetensors", rule=rule, global_path=glob if not isinstance(rule, agg.FedAvg) else None,
+                                version=version, align=align, metadata=meta)
+            blob = self.bucket.put_blob_file(layout.aggregator_blob, res.path)
+            own = {x.site: x.path for x in res.contributions}
+            site_blobs = {}
+            for site in c.site_names:
+                fallback = own.get(site) or self._fetch(current.blob_for(site))
+                out = out_dir / f"{site}.safetensors"
+                agg.extract_site(res.path, self._site_shapes(site), out, align=align, fallback_path=fallback,
+                                 metadata={**meta, "site": site})
+                site_blobs[site] = self.bucket.put_blob_file(layout.aggregator_blob, str(out))
+            sharing = {s: vars(v) for s, v in res.sharing.items()}
+        for r in res.rejected:
+            key = next((p.key for p in chosen if local[p.key][1] == r.path), r.path)
+            self._reject(key, r.reason)
+        by_path = {local[p.key][1]: p for p in chosen}
+        contributions = []
+        for x in res.contributions:
+            p = by_path[x.path]
+            d = local[p.key][0]
+            contributions.append(Contribution(site=p.site, round=p.round, key=p.key, sha256=d.blob.sha256,
+                                              base_version=d.base_version, staleness=x.staleness,
+                                              weight=float(x.weight) * float(x.scale)))
+        doc = GlobalManifest(
+            version=version + 1,
+            blob=blob,
+            site_blobs=site_blobs,
+            contributions=contributions,
+            next_rounds=cursor,
+            report={"rule": res.rule, "reason": decision.reason, "tensors": res.tensors, "params": res.params,
+                    "sharing": sharing},
+            final=final,
+        )
+        self._commit(doc)
+        return doc
+
+    def _commit(self, doc: GlobalManifest) -> None:
+        """Publish the manifest exclusively, then the hint and the status (both only hints)."""
+        try:
+            self.bucket.publish(layout.global_version(doc.version), doc, self.identity)
+        except Conflict:
+            log.warning("v%d was already published by another aggregator run; keeping that one", doc.version)
+        self._manifests.pop(doc.version, None)
+        self.bucket.write_mutable(layout.LATEST, LatestHint(version=doc.version), self.identity)
+        self._flush_status()
+
+    # ---- quarantine -------------------------------------------------------------------
+    def _load_rejections(self) -> dict[str, str]:
+        try:
+            st = self.bucket.read(layout.AGG_STATUS, StatusDocument).doc
+            return {r.key: r.reason for r in st.rejected}
+        except (NotFound, FedfsError):
+            return {}
+
+    def _reject(self, key: str, reason: str) -> None:
+        if self._rejected.get(key) != reason:
+            log.warning("rejected %s: %s", key, reason)
+            self._rejected[key] = reason
+            self._status_dirty = True
+
+    def _note_problem(self, what: str, message: str) -> None:
+        self._reject(f"{layout.AGG_PREFIX}problems/{what}", message)
+        self._flush_status()
+
+    def _flush_status(self) -> None:
+        if not getattr(self, "_status_dirty", False):
+            return
+        now = utcnow()
+        doc = StatusDocument(party=self.identity.name,
+                             rejected=[Rejection(key=k, reason=r, at=now) for k, r in sorted(self._rejected.items())][-500:])
+        self.bucket.write_mutable(layout.AGG_STATUS, doc, self.identity)
+        self._status_dirty = False

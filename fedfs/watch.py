@@ -1,0 +1,146 @@
+"""When to step again: file-system events on local folders, constant-cost polling elsewhere.
+
+A :class:`Trigger` is woken by "something may have changed" and otherwise
+times out after ``poll_interval``. Local folders use watchdog's inotify
+observer; network mounts (NFS, CIFS/SMB, sshfs...), where inotify does not see
+other machines' writes, use polling (as watchdog's own README advises), and so
+do ``s3://`` and ``smb://``. A poll is one role step, whose reads do not grow
+with the number of rounds (the ``latest`` hint plus direct probes of the next
+expected files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .store import Store
+
+log = logging.getLogger("fedfs.watch")
+
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs",
+              "fuse.glusterfs", "lustre", "gpfs", "beegfs", "fuse.s3fs", "fuse.rclone", "fuse.gcsfuse"}
+
+
+def mount_type(path: str) -> str:
+    """The file-system type of the mount holding ``path`` (Linux /proc/mounts; '' elsewhere)."""
+    try:
+        with open("/proc/mounts") as fh:
+            mounts = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
+    except OSError:
+        return ""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    for mnt, fstype in mounts:
+        mnt = mnt.replace("\\040", " ")
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, fstype
+    return kind
+
+
+class Trigger:
+    """Polling: wake every ``poll_interval`` seconds (or when :meth:`poke` is called)."""
+
+    kind = "poll"
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self._event = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until poked or ``timeout`` (default poll_interval); True if poked."""
+        fired = self._event.wait(self.poll_interval if timeout is None else timeout)
+        self._event.clear()
+        return fired
+
+    def poke(self) -> None:
+        self._event.set()
+
+    def close(self) -> None:
+        pass
+
+
+class InotifyTrigger(Trigger):
+    """Wake on any file created or moved into the bucket folder (watchdog), with a polling fallback."""
+
+    kind = "inotify"
+
+    def __init__(self, root: str, poll_interval: float) -> None:
+        super().__init__(poll_interval)
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        trigger = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                if event.event_type in ("created", "moved", "modified", "closed"):
+                    name = os.path.basename(getattr(event, "dest_path", "") or event.src_path)
+                    if not name.endswith(".tmp"):
+                        trigger.poke()
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), root, recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def close(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+
+def make_trigger(store: Store, *, watch: str = "auto", poll_interval: float = 5.0) -> Trigger:
+    """``watch``: "auto" (inotify on local disks, polling on network mounts and remote stores),
+    "inotify" or "poll"."""
+    root = getattr(store, "local_path", None)
+    if watch == "poll" or root is None:
+        return Trigger(poll_interval)
+    fstype = mount_type(root)
+    if watch == "auto" and fstype in NETWORK_FS:
+        log.info("%s is on a %s mount: polling every %.1f s (inotify misses other machines' writes)",
+                 root, fstype, poll_interval)
+        return Trigger(poll_interval)
+    try:
+        # on a local disk, events are the trigger; the timeout is only a safety net
+        return InotifyTrigger(root, max(poll_interval, 30.0) if watch == "auto" else poll_interval)
+    except Exception as exc:  # noqa: BLE001 - inotify limits, unsupported platform
+        log.warning("file-system events unavailable (%s); polling every %.1f s", exc, poll_interval)
+        return Trigger(poll_interval)
+
+
+def run_loop(step: Callable[[], Any], trigger: Trigger, *, stop: threading.Event | None = None,
+             on_result: Callable[[Any], None] | None = None, done: tuple[str, ...] = ("done", "finished"),
+             max_idle_s: float | None = None) -> Any:
+    """Call ``step`` until it reports one of ``done``; after a "wait", sleep on ``trigger``.
+
+    Errors from a step that a retry may cure (storage unavailable, state unknown)
+    are logged and retried after a wait; anything else propagates.
+    """
+    from .errors import StateUnknown, StoreUnavailable
+
+    stop = stop or threading.Event()
+    idle_since = time.monotonic()
+    result = None
+    while not stop.is_set():
+        try:
+            result = step()
+        except (StoreUnavailable, StateUnknown) as exc:
+            log.warning("storage trouble, will retry: %s", exc)
+            trigger.wait()
+            continue
+        if on_result is not None and result is not None:
+            on_result(result)
+        action = getattr(result, "action", "wait")
+        if action in done:
+            return result
+        if action != "wait":
+            idle_since = time.monotonic()
+            continue
+        if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+            raise TimeoutError(f"nothing happened for {max_idle_s:.0f} s (last: {result})")
+        trigger.wait()
+    return result
