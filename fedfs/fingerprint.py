@@ -238,9 +238,8 @@ def _merge_tables(tables: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.n
     if values.size == 0:
         return values, counts.astype(np.int64)
     uniq, inverse = np.unique(values, return_inverse=True)
-    summed = np.zeros(uniq.size, np.int64)
-    np.add.at(summed, inverse, counts)
-    return uniq, summed
+    summed = np.bincount(inverse.ravel(), weights=counts, minlength=uniq.size)  # exact below 2**53
+    return uniq, np.rint(summed).astype(np.int64)
 
 
 def coarsen_table(values: np.ndarray, counts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,7 +401,9 @@ def table_percentiles(values: np.ndarray, counts: np.ndarray, dtype: str | np.dt
 def merge_summaries(summaries: Mapping[str, Mapping[str, Any]], census: Mapping[str, Any]) -> dict:
     """Phase 2 merge: nnU-Net's ``dataset_fingerprint.json`` of the pooled data.
 
-    Deterministic: sites are taken in sorted order. Raises ValidationError naming
+    Per-case lists hold the same records as nnU-Net's, sorted (nnU-Net lists them in
+    file order; its planner only uses medians and spacing/shape pairs). Deterministic:
+    sites are merged in sorted order. Raises ValidationError naming
     the site when a summary does not fit the census it claims to answer.
     """
     validate_federation_census(census, "federation census")
@@ -426,9 +427,11 @@ def merge_summaries(summaries: Mapping[str, Mapping[str, Any]], census: Mapping[
     if len(spc) != 1:
         raise ValidationError(f"sites sampled different numbers of voxels per case: {sorted(spc)}")
 
+    # One sorted list of (spacing, shape) pairs: nnU-Net only uses the multiset, and a
+    # per-site concatenation would let any reader attribute cases to sites via the census.
     cases = [summaries[s]["cases"] for s in sites]
-    spacings = [sp for c in cases for sp in c["spacings"]]
-    shapes = [sh for c in cases for sh in c["shapes_after_crop"]]
+    pairs = sorted((sp, sh) for c in cases for sp, sh in zip(c["spacings"], c["shapes_after_crop"]))
+    spacings, shapes = [p[0] for p in pairs], [p[1] for p in pairs]
     rel = [r for c in cases for r in c["relative_sizes_after_cropping"]]
     dtype = np.result_type(*[np.dtype(summaries[s]["sample_dtype"]) for s in sites])
 

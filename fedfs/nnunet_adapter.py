@@ -155,8 +155,8 @@ def site_summary(dataset: int | str, total_cases: int, num_processes: int | None
         rw_class = determine_reader_writer_from_dataset_json(
             fpe.dataset_json, fpe.dataset[next(iter(fpe.dataset.keys()))]["images"][0])
     if isinstance(total_cases, bool) or not isinstance(total_cases, int) or total_cases < len(fpe.dataset):
-        raise NnunetError(f"{name}: federation total_cases {total_cases!r} is smaller than this site's "
-                          f"{len(fpe.dataset)} cases")
+        raise NnunetError(f"{name}: federation total_cases must be an integer of at least this site's "
+                          f"{len(fpe.dataset)} cases, got {total_cases!r}")
     num_samples = int(fpe.num_foreground_voxels_for_intensitystats // total_cases)
     jobs = [(fpe.dataset[k]["images"], fpe.dataset[k]["label"], rw_class, num_samples) for k in fpe.dataset]
     n_proc = _default_processes(num_processes)
