@@ -158,19 +158,40 @@ def doctor(url: str, as_json: bool, prefix: str | None, storage_options: tuple[s
 @main.command(context_settings=CONTEXT)
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
               help="Working folder (default: a new temporary folder).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
-def demo(workdir: str | None, as_json: bool) -> None:
-    """Run a small federation end to end on a local folder.
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object {bucket, mode, sites, rounds, dice_per_site, exported} instead of a summary.")
+@click.option("--rounds", type=int, default=None, help="Federated rounds (default 3).")
+@click.option("--local-epochs", type=int, default=None, help="nnU-Net epochs per round (default 4).")
+@click.option("--mode", type=click.Choice(["ffe", "asym"]), default="ffe", show_default=True)
+@click.option("--aggregation", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
+def demo(workdir: str | None, as_json: bool, rounds: int | None, local_epochs: int | None, mode: str,
+         aggregation: str) -> None:
+    """Run a small federation end to end on a local folder and report held-out Dice.
+
+    Makes synthetic 2D data for three heterogeneous hospitals, simulates the
+    federation (separate processes sharing one folder), exports each site's
+    model and segments its held-out cases with nnUNetv2_predict.
 
     \b
     Example:
       fedfs demo --dir /tmp/fedfs-demo
     """
-    from .demo import run_demo
+    from .demo import DEMO_LOCAL_EPOCHS, DEMO_ROUNDS, run_demo
 
-    result = run_demo(workdir, echo=None if as_json else click.echo)
+    result = run_demo(workdir, echo=None if as_json else click.echo, rounds=rounds or DEMO_ROUNDS,
+                      local_epochs=local_epochs or DEMO_LOCAL_EPOCHS, mode=mode, aggregation=aggregation)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+
+
+def _register() -> None:
+    from .cli_roles import aggregator, export, simulate, site
+
+    for cmd in (site, aggregator, simulate, export):
+        main.add_command(cmd)
+
+
+_register()
 
 
 def run() -> None:

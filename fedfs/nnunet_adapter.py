@@ -247,6 +247,20 @@ def plan(dataset: int | str, planner: str = "ExperimentPlanner", gpu_memory_targ
         kwargs["plans_name"] = overwrite_plans_name
     if gpu_memory_target is not None:
         kwargs["gpu_memory_target_in_gb"] = gpu_memory_target
+    # nnU-Net's planner calls torch.set_num_threads(get_allowed_n_proc_DA()), which fails for
+    # nnUNet_n_proc_DA=0 (single-process augmentation, the fastest choice for training on small CPUs)
+    saved_da = os.environ.get("nnUNet_n_proc_DA")
+    if saved_da == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        return _plan(planner_class, name, preprocessor, kwargs, planner, paths)
+    finally:
+        if saved_da is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved_da
+
+
+def _plan(planner_class: type, name: str, preprocessor: str, kwargs: dict, planner: str,
+          paths: Mapping[str, str]) -> dict:
     with _step(f"plan {name} with {planner}"):
         p = planner_class(name, preprocessor_name=preprocessor, overwrite_target_spacing=None,
                           suppress_transpose=False, **kwargs)

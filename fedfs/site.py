@@ -86,6 +86,7 @@ class SiteState:
     plans_digest: str = ""
     updates_sent: int = 0
     last_base: int | None = None
+    training: dict[str, Any] | None = None  # the round being trained (for crash recovery)
     pending: dict[str, Any] | None = None  # a trained, not yet published update
     finished: bool = False
     final_version: int | None = None
@@ -159,6 +160,8 @@ class Site:
             return SiteStep("done", f"finished with global v{self.state.final_version}")
         if not self.state.planned:
             return self._setup_step()
+        if self.state.pending is None and self.state.training is not None:
+            self._recover_training()
         if self.state.pending is not None:
             return self._publish_pending()
         version, manifest = self._latest()
@@ -250,13 +253,34 @@ class Site:
         self.heartbeat("training", f"round r{round_} from v{base}", round=round_, base_version=base)
         out = self.dir / "updates" / f"r{round_:06d}.safetensors"
         t0 = time.time()
-        metrics = self.work.train_round(gpath, self.config.local_epochs, str(out))
+        epochs = self.config.local_epochs
+        self.state.training = {"round": round_, "base": base, "epoch_before": int(getattr(self.work, "epoch", 0))}
+        self._save()
+        metrics = self.work.train_round(gpath, epochs, str(out))
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics.setdefault("round_time_s", time.time() - t0)
         self.state.pending = {"round": round_, "base": base, "path": str(out), "metrics": metrics}
+        self.state.training = None
         self._save()
         self.work.checkpoint()
         return self._publish_pending()
+
+    def _recover_training(self) -> None:
+        """A crash during a round: if the trainer's checkpoint already holds the trained round,
+        record it as the pending update (with its original base); otherwise train again."""
+        prior = self.state.training
+        self.state.training = None
+        recover = getattr(self.work, "recover_round", None)
+        if recover is None:
+            self._save()
+            return
+        self._ensure_started()
+        out = self.dir / "updates" / f"r{prior['round']:06d}.safetensors"
+        if recover(prior["epoch_before"], self.config.local_epochs, str(out)):
+            log.info("round r%d was trained before a crash; publishing it from the trainer's checkpoint", prior["round"])
+            self.state.pending = {"round": prior["round"], "base": prior["base"], "path": str(out),
+                                  "metrics": {"recovered": 1.0}}
+        self._save()
 
     def _publish_pending(self) -> SiteStep:
         p = self.state.pending

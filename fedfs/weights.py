@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -42,7 +42,7 @@ __all__ = [
     "check_shapes",
     "load_weights",
     "safetensors_header",
-    "pread_exact",
+    "read_at",
 ]
 
 #: safetensors dtype name -> (bytes per element, torch dtype)
@@ -61,6 +61,7 @@ MAX_KEY_LEN = 512
 MAX_RANK = 8
 _CHECK_CHUNK = 4 * 1024 * 1024
 _COMPILE_PREFIX = "_orig_mod."
+_PREADV = hasattr(os, "preadv")
 
 Shape = tuple[int, ...]
 
@@ -308,11 +309,19 @@ def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequ
     return info
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, path: str = "") -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a short file is an IntegrityError."""
+def read_at(f: BinaryIO, view: memoryview, offset: int, path: str = "") -> None:
+    """Fill ``view`` from byte ``offset`` of ``f``; a short file is an IntegrityError.
+
+    Positional (``os.preadv``) where the OS has it, so threads may share ``f``;
+    elsewhere seek + readinto, so give each thread its own file object.
+    """
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        if _PREADV:
+            got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        else:
+            f.seek(offset + done)
+            got = f.readinto(view[done:]) or 0  # type: ignore[attr-defined]
         if got <= 0:
             raise IntegrityError(f"{path}: file ended at byte {offset + done} (truncated after validation?)")
         done += got
@@ -325,8 +334,7 @@ def check_finite(info: WeightsInfo, keys: Sequence[str] | None = None) -> None:
     """
     buf = bytearray(_CHECK_CHUNK)
     view = memoryview(buf)
-    fd = os.open(info.path, os.O_RDONLY)
-    try:
+    with open(info.path, "rb", buffering=0) as f:
         for key in keys if keys is not None else list(info.tensors):
             t = info.tensors[key]
             if t.dtype not in FLOAT_DTYPES:
@@ -335,13 +343,11 @@ def check_finite(info: WeightsInfo, keys: Sequence[str] | None = None) -> None:
             step = _CHECK_CHUNK // item * item
             for off in range(t.start, t.end, step):
                 nb = min(step, t.end - off)
-                pread_exact(fd, view[:nb], off, info.path)
+                read_at(f, view[:nb], off, info.path)
                 x = torch.frombuffer(buf, dtype=tdtype, count=nb // item)
                 if not bool(torch.isfinite(x).all()):
                     what = "NaN" if bool(torch.isnan(x).any()) else "Inf"
                     raise ValidationError(f"{info.path}: tensor {key!r} contains {what}")
-    finally:
-        os.close(fd)
 
 
 def validate_update(path: str | os.PathLike[str], expected: Mapping[str, Sequence[int]] | None = None, *,

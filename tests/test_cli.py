@@ -70,10 +70,3 @@ def test_errors_are_one_line_unless_debug(tmp_path):
 def test_secrets_are_not_flags(tmp_path):
     proc = run("doctor", str(tmp_path), "-so", "secret=abc", check=False)
     assert proc.returncode == 2 and "environment" in proc.stderr
-
-
-def test_demo_runs(tmp_path):
-    proc = run("demo", "--dir", str(tmp_path / "demo"), "--json")
-    result = json.loads(proc.stdout)
-    assert result["doctor_ok"] and result["total_cases"] == 25
-    assert result["forged_document"].startswith("rejected")

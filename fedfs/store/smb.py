@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import smbclient
+from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
     SMBAuthenticationError,
     SMBConnectionClosed,
@@ -162,6 +163,8 @@ class SMBStore(Store):
         self._cache: dict[str, Any] = {}  # this store's own smbclient connection pool
         self._lock = threading.Lock()
         self._share_seen = False
+        self._client_guid = uuid.uuid4()
+        self._pool_key = f"{self.host.lower()}:{self.port}"  # smbclient's key for its connection pool
 
     # ---- plumbing -------------------------------------------------------------
     @property
@@ -181,6 +184,14 @@ class SMBStore(Store):
     def _connect(self, key: str) -> None:
         """Make sure a session exists (serialised, so threads share one connection)."""
         with self._errors(key, writing=False), self._lock:
+            # Our own connection with our own client GUID: smbclient would give every connection
+            # of the process the same GUID, and Samba (multichannel) then hands concurrent
+            # connections between its processes, which was seen to hang session setup.
+            pooled = self._cache.get(self._pool_key)
+            if pooled is None or not pooled.transport.connected:
+                connection = Connection(self._client_guid, self.host, self.port)
+                connection.connect(timeout=self._timeout)
+                self._cache[self._pool_key] = connection
             smbclient.register_session(
                 self.host,
                 username=self.username,
