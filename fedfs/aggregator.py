@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import faults, layout
 from .errors import Conflict, FedfsError, NotFound, ValidationError
 from .federation import Federation
 from .rounds import Pending, SetupState, decide_aggregation, setup_due
@@ -372,11 +372,13 @@ class Aggregator:
 
     def _commit(self, doc: GlobalManifest) -> None:
         """Publish the manifest exclusively, then the hint and the status (both only hints)."""
+        faults.point("aggregator.before_manifest")
         try:
             self.bucket.publish(layout.global_version(doc.version), doc, self.identity)
         except Conflict:
             log.warning("v%d was already published by another aggregator run; keeping that one", doc.version)
         self._manifests.pop(doc.version, None)
+        faults.point("aggregator.after_manifest")
         self.bucket.write_mutable(layout.LATEST, LatestHint(version=doc.version), self.identity)
         self._flush_status()
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import layout
+from . import faults, layout
 from .errors import ConfigError, NotFound, ValidationError
 from .federation import Federation
 from .rounds import decide_site
@@ -257,6 +257,7 @@ class Site:
         self.state.training = {"round": round_, "base": base, "epoch_before": int(getattr(self.work, "epoch", 0))}
         self._save()
         metrics = self.work.train_round(gpath, epochs, str(out))
+        faults.point("site.mid_training")
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics.setdefault("round_time_s", time.time() - t0)
         self.state.pending = {"round": round_, "base": base, "path": str(out), "metrics": metrics}
@@ -285,7 +286,9 @@ class Site:
     def _publish_pending(self) -> SiteStep:
         p = self.state.pending
         assert p is not None
+        faults.point("site.before_publish")
         ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), p["path"])
+        faults.point("site.after_upload")
         doc = UpdateManifest(site=self.name, round=p["round"], base_version=p["base"], blob=ref,
                              num_cases=self.work.num_cases, plans_digest=self.state.plans_digest, metrics=p["metrics"])
         self.bucket.publish(layout.site_update(self.name, p["round"]), doc, self.identity)

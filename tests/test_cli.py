@@ -70,3 +70,9 @@ def test_errors_are_one_line_unless_debug(tmp_path):
 def test_secrets_are_not_flags(tmp_path):
     proc = run("doctor", str(tmp_path), "-so", "secret=abc", check=False)
     assert proc.returncode == 2 and "environment" in proc.stderr
+
+
+def test_doctor_on_smb(samba, smb_url):
+    proc = run("doctor", smb_url, env={"FEDFS_SMB_PASSWORD": samba.password})
+    assert "[ok] exclusive publish" in proc.stdout and "[ok] concurrent exclusive publish" in proc.stdout
+    assert "verdict: usable" in proc.stdout

@@ -148,6 +148,8 @@ class SMBStore(Store):
         self._encrypt: bool | None = options.get("encrypt")
         self._timeout = float(options.get("timeout", 30))
         self._hardlinks = bool(options.get("hardlinks", True))
+        #: How publish is made exclusive, for ``fedfs doctor``: "link", or "rename" where links are refused.
+        self.publish_mechanism = "link" if self._hardlinks else "rename"
 
         segments = [unquote(s) for s in parts.path.split("/") if s]
         if not segments:
@@ -296,6 +298,7 @@ class SMBStore(Store):
                         raise
                     log.warning("%s: server refuses hard links (%s); publishing by rename", self.url, exc)
                     self._hardlinks = False
+                    self.publish_mechanism = "rename"
             smbclient.rename(tmp, final, **self._kw)
             return True
 
@@ -381,18 +384,23 @@ class SMBStore(Store):
             smbclient.remove(self._path(key), **self._kw)
 
     def _list(self, prefix: str) -> list[str]:
-        """Keys starting with ``prefix`` (string semantics, like S3), temp files hidden."""
+        """Keys in the folder ``prefix`` (recursive; ``[prefix]`` if it is a key), temp files hidden.
+
+        Same semantics as the local and S3 backends: ``prefix`` names a folder, not a
+        string prefix, and folders whose name starts with '.' are skipped.
+        """
         self._connect(prefix or "/")
-        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        folder = prefix.rstrip("/")
         keys: list[str] = []
         with self._errors(prefix or "/", writing=False):
-            self._walk(base, prefix, keys)
+            if folder and self._stat(folder) is not None:
+                return [folder]
+            self._walk(folder, keys)
         return keys
 
-    def _walk(self, rel_dir: str, prefix: str, out: list[str]) -> None:
+    def _walk(self, rel_dir: str, out: list[str]) -> None:
         try:
-            with smbclient.scandir(self._path(rel_dir), **self._kw) as entries:
-                found = [(e.name, e.is_dir()) for e in entries]
+            found = [(e.name, e.is_dir()) for e in smbclient.scandir(self._path(rel_dir), **self._kw)]
         except SMBOSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # a missing folder lists as empty
@@ -400,9 +408,9 @@ class SMBStore(Store):
         for name, is_dir in found:
             key = f"{rel_dir}/{name}" if rel_dir else name
             if is_dir:
-                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
-                    self._walk(key, prefix, out)
-            elif key.startswith(prefix) and not is_temp_name(name):
+                if not name.startswith("."):
+                    self._walk(key, out)
+            elif not is_temp_name(name):
                 out.append(key)
 
     def close(self) -> None:
