@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import fedfs, torch, nnunetv2, moto, s3fs, smbprotocol, pytest" || (echo "install failed" >&2; exit 1)
 	@touch $(STAMP)
 
-# Samba for the SMB backend tests (real server on a loopback port).
+# Samba for the SMB backend tests (a real server on a loopback port) and Chromium for the
+# report's browser test. Missing tools make those tests fail with the reason, never skip.
 system-deps:
-	@command -v smbd >/dev/null 2>&1 || { echo "installing samba ..."; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq samba >/dev/null) \
-	  || { echo "could not install samba: the SMB tests will fail with the reason" >&2; }; }
+	@missing=""; command -v smbd >/dev/null 2>&1 || missing="$$missing samba"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then echo "installing$$missing (apt-get) ..."; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "could not install$$missing: the tests that need them will fail with the reason" >&2; fi
 
 demo: $(STAMP)
 	$(VENV)/bin/fedfs demo
