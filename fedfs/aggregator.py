@@ -109,6 +109,16 @@ class Aggregator:
             return self._setup_step()
         return self._round_step(latest)
 
+    def run(self, *, watch: str = "auto", poll_interval: float = 5.0, stop=None, on_result=None) -> StepResult:
+        """Step until the final global is out, waking on new files (or polls)."""
+        from .watch import make_trigger, run_loop
+
+        trigger = make_trigger(self.fed.store, watch=watch, poll_interval=poll_interval)
+        try:
+            return run_loop(self.step, trigger, stop=stop, on_result=on_result)
+        finally:
+            trigger.close()
+
     # ---- set-up: census, fingerprint, plans check, v0 ------------------------------
     def _setup_step(self) -> StepResult:
         c = self.config
@@ -124,7 +134,7 @@ class Aggregator:
                 if not st.fingerprint_published:
                     summaries = self._read_all(layout.site_fingerprint, FingerprintSummary)
                     st.summary_sites = set(summaries)
-        if c.mode == "asym" or st.fingerprint_published:
+        if c.mode != "ffe" or st.fingerprint_published:
             plans = self._read_all(layout.site_plans, PlansDocument)
             st.plans_sites = set(plans)
         due = setup_due(c, st)
@@ -171,7 +181,7 @@ class Aggregator:
     def _publish_v0(self, plans: dict[str, PlansDocument]) -> StepResult:
         c = self.config
         sites = c.site_names
-        if c.mode == "ffe":
+        if c.mode != "asym":
             digests = {s: plans[s].digest for s in sites}
             if len(set(digests.values())) > 1:
                 from .fingerprint import diff_plans
@@ -183,7 +193,7 @@ class Aggregator:
                         fields = diff_plans(plans[ref].summary.get("plans", plans[ref].summary),
                                             plans[s].summary.get("plans", plans[s].summary))
                         problems.append(f"{s} differs from {ref} in {', '.join(fields[:8]) or 'unknown fields'}")
-                msg = "FFE sites hold different plans (nnU-Net version, planner or options differ): " + "; ".join(problems)
+                msg = f"{c.mode.upper()} sites hold different plans (nnU-Net version, planner or options differ): " + "; ".join(problems)
                 self._note_problem("plans", msg)
                 return StepResult("blocked", msg)
         for s in sites:
@@ -195,7 +205,7 @@ class Aggregator:
             except ValidationError as exc:
                 self._reject(layout.site_plans(s), str(exc))
                 return StepResult("blocked", f"initial weights of site {s} rejected: {exc}")
-        if c.mode == "ffe":
+        if c.mode != "asym":
             first = sites[0]
             ref_shapes = self._shapes[first]
             for s in sites[1:]:
@@ -326,7 +336,7 @@ class Aggregator:
             self._commit(doc)
             return doc
         glob = self._fetch(current.blob) if current.blob is not None else None
-        if c.mode == "ffe":
+        if c.mode != "asym":
             res = agg.aggregate(updates, out_dir / "global.safetensors", rule=rule, global_path=glob, version=version,
                                 metadata=meta)
             blob = self.bucket.put_blob_file(layout.aggregator_blob, res.path)

@@ -328,7 +328,7 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--bucket", default=None, help="Bucket URL (default: a folder in --dir).")
 @click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
               help="Keys, logs and work folders (default: a new temporary folder).")
-@click.option("--mode", type=click.Choice(["ffe", "asym"]), default="ffe", show_default=True)
+@click.option("--mode", type=click.Choice(["ffe", "asym", "fedavg"]), default="ffe", show_default=True)
 @click.option("--aggregation", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True)

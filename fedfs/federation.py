@@ -125,6 +125,25 @@ class Federation:
         if party.public_key != identity.public_key_b64:
             raise ConfigError(f"the private key for {identity.name!r} does not match its public key in federation.json")
 
+    # ---- the roles, as the CLI builds them ------------------------------------------
+    def aggregator(self, workdir: str | os.PathLike[str]):
+        """This federation's :class:`~fedfs.aggregator.Aggregator` (needs the aggregator's key)."""
+        from .aggregator import Aggregator
+
+        return Aggregator(self, workdir)
+
+    def site(self, work: Any, workdir: str | os.PathLike[str]):
+        """A :class:`~fedfs.site.Site` doing ``work`` (e.g. :class:`~fedfs.nnunet_work.NnunetWork`)."""
+        from .site import Site
+
+        return Site(self, work, workdir)
+
+    def site_client(self, workdir: str | os.PathLike[str]):
+        """A :class:`~fedfs.api.SiteClient` for scripted rounds with any PyTorch model."""
+        from .api import SiteClient
+
+        return SiteClient(self, workdir)
+
     def require_identity(self, role: str) -> Identity:
         if self.identity is None:
             raise ConfigError(f"this step needs the {role}'s private key (--key or FEDFS_KEY)")

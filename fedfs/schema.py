@@ -11,7 +11,7 @@ from typing import Any
 from .documents import Document, document, field, require
 from .layout import check_name, check_sha256
 
-MODES = ("ffe", "asym")
+MODES = ("ffe", "asym", "fedavg")  # fedavg: any PyTorch model, no fingerprint phase
 AGGREGATIONS = ("sync", "async")
 WEIGHTINGS = ("cases", "uniform")
 ALIGNS = ("resolution", "name")

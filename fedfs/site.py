@@ -153,6 +153,16 @@ class Site:
         except Exception as exc:  # noqa: BLE001 - a heartbeat is a hint, never a reason to fail a step
             log.warning("heartbeat not written: %s", exc)
 
+    def run(self, *, watch: str = "auto", poll_interval: float = 5.0, stop=None, on_result=None) -> SiteStep:
+        """Step until this site has finished, waking on new files (or polls)."""
+        from .watch import make_trigger, run_loop
+
+        trigger = make_trigger(self.fed.store, watch=watch, poll_interval=poll_interval)
+        try:
+            return run_loop(self.step, trigger, stop=stop, on_result=on_result)
+        finally:
+            trigger.close()
+
     # ---- the step ---------------------------------------------------------------
     def step(self) -> SiteStep:
         """Do whatever is due now (at most one long action) and return what was done."""
