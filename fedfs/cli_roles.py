@@ -54,7 +54,7 @@ def common(f):
         click.argument("url", envvar="FEDFS_URL", required=False),
         opt("--key", "key", type=click.Path(dir_okay=False), help="This party's private key (from `fedfs keygen`)."),
         opt("--workdir", type=click.Path(file_okay=False), help="Local state and cache (default ~/.local/share/fedfs/...)."),
-        opt("--federation-digest", "pin", help="Expected sha256 of federation.json (printed by `fedfs init`)."),
+        opt("--federation-digest", "federation_digest", help="Expected sha256 of federation.json (printed by `fedfs init`)."),
         opt("-so", "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
             envvar=None, help="Backend option, e.g. -so endpoint_url=http://127.0.0.1:9000 (repeatable; also FEDFS_STORAGE_OPTIONS as JSON)."),
         click.option("--config", type=click.Path(dir_okay=False, exists=True), callback=_load_config,
@@ -143,13 +143,13 @@ def _workdir(workdir: str | None, fed) -> Path:
     return base / fed.config.federation_id[:16] / fed.identity.name
 
 
-def make_site(url, key, workdir, pin, storage_options, dataset, configuration, fold, trainer, plans, planner,
+def make_site(url, key, workdir, federation_digest, storage_options, dataset, configuration, fold, trainer, plans, planner,
               gpu_memory_target, device, num_processes, num_processes_fingerprint, verify_dataset_integrity,
               iterations_per_epoch, val_iterations, no_final_validation, **_ignored):
     from .nnunet_work import NnunetOptions, NnunetWork
     from .site import Site
 
-    fed = _open(url, key, pin, storage_options)
+    fed = _open(url, key, federation_digest, storage_options)
     if not dataset:
         raise ConfigError("no dataset: give -d (nnU-Net dataset id or name), FEDFS_DATASET or dataset in --config")
     conf = configuration or fed.config.configuration
@@ -264,10 +264,10 @@ def site_run(watch: str, poll_interval: float, **kw: Any) -> None:
         s.work.close()
 
 
-def make_aggregator(url, key, workdir, pin, storage_options, **_ignored):
+def make_aggregator(url, key, workdir, federation_digest, storage_options, **_ignored):
     from .aggregator import Aggregator
 
-    fed = _open(url, key, pin, storage_options)
+    fed = _open(url, key, federation_digest, storage_options)
     return Aggregator(fed, _workdir(workdir, fed))
 
 
@@ -389,7 +389,7 @@ def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epoch
 @click.option("--results-layout", is_flag=True,
               help="Write under OUT/DatasetXXX/Trainer__Plans__conf so `nnUNetv2_predict -d` finds it with nnUNet_results=OUT.")
 @click.option("--allow-unfinished", is_flag=True, help="Export the newest global even if training is not over.")
-def export(url, key, workdir, pin, storage_options, quiet, dataset, configuration, fold, trainer, plans, out_dir,
+def export(url, key, workdir, federation_digest, storage_options, quiet, dataset, configuration, fold, trainer, plans, out_dir,
            results_layout, allow_unfinished) -> None:
     """Export this site's final model as an nnU-Net trained-model folder.
 
@@ -403,7 +403,7 @@ def export(url, key, workdir, pin, storage_options, quiet, dataset, configuratio
     from .export import export_site_model
 
     _setup_logging(quiet)
-    fed = _open(url, key, pin, storage_options)
+    fed = _open(url, key, federation_digest, storage_options)
     if not dataset:
         raise ConfigError("no dataset: give -d, FEDFS_DATASET or dataset in --config")
     folder = export_site_model(fed, fed.identity.name, str(dataset), out_dir, configuration=configuration,

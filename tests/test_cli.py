@@ -76,3 +76,21 @@ def test_doctor_on_smb(samba, smb_url):
     proc = run("doctor", smb_url, env={"FEDFS_SMB_PASSWORD": samba.password})
     assert "[ok] exclusive publish" in proc.stdout and "[ok] concurrent exclusive publish" in proc.stdout
     assert "verdict: usable" in proc.stdout
+
+
+def test_options_from_config_file_and_environment(tmp_path):
+    keys, bucket = tmp_path / "keys", str(tmp_path / "bucket")
+    run("keygen", "agg", "--role", "aggregator", "-o", str(keys))
+    run("keygen", "A", "-o", str(keys))
+    digest = run("init", bucket, "--sites", "A", "--keys", str(keys)).stdout.split("sha256 ")[1].split()[0]
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(f'url = "{bucket}"\nkey = "{keys / "agg.key"}"\nworkdir = "{tmp_path / "w"}"\n'
+                   f'federation-digest = "{digest}"\n')
+    assert "waiting for site census" in run("aggregator", "step", "--config", str(cfg)).stdout
+    env = {"FEDFS_URL": bucket, "FEDFS_KEY": str(keys / "agg.key"), "FEDFS_WORKDIR": str(tmp_path / "w")}
+    assert "waiting for site census" in run("aggregator", "step", env=env).stdout
+    bad = run("aggregator", "step", env={**env, "FEDFS_FEDERATION_DIGEST": "0" * 64}, check=False)
+    assert bad.returncode == 4 and "pinned" in bad.stderr
+    cfg.write_text(cfg.read_text() + 'password = "x"\n')
+    leak = run("aggregator", "step", "--config", str(cfg), check=False)
+    assert leak.returncode == 2 and "secrets do not belong" in leak.stderr
