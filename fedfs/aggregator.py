@@ -60,6 +60,25 @@ class StepResult:
         return f"{self.action}: {self.detail}" if self.detail else self.action
 
 
+def relative_change(path: str, base_path: str) -> float:
+    """||x - base|| / ||base|| over the float tensors both files hold, one tensor at a time."""
+    from safetensors import safe_open
+
+    num = den = 0.0
+    with safe_open(path, framework="pt") as fx, safe_open(base_path, framework="pt") as fb:
+        base_keys = set(fb.keys())
+        for k in fx.keys():
+            if k not in base_keys:
+                continue
+            x, b = fx.get_tensor(k), fb.get_tensor(k)
+            if not x.is_floating_point() or x.shape != b.shape:
+                continue
+            x, b = x.double(), b.double()
+            num += float(((x - b) ** 2).sum())
+            den += float((b**2).sum())
+    return (num ** 0.5) / max(den ** 0.5, 1e-12)
+
+
 def parse_time(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
 
@@ -80,6 +99,7 @@ class Aggregator:
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self._plans: dict[str, PlansDocument] = {}
         self._rejected: dict[str, str] = self._load_rejections()
+        self._rejected_bases: dict[str, tuple[str, int]] = {}
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -244,7 +264,8 @@ class Aggregator:
             return StepResult("finished", f"v{version} is the final global", version=version)
         pending, cursor, local = self._scan_updates(current.doc.next_rounds)
         age = max(0.0, self.clock() - parse_time(current.signed_at))
-        decision = decide_aggregation(c, version, pending, cursor, age)
+        rejected_sites = {site for site, base in self._rejected_bases.values() if base == version}
+        decision = decide_aggregation(c, version, pending, cursor, age, rejected_sites)
         for p, reason in decision.rejected:
             self._reject(p.key, reason)
         if not decision.aggregate:
@@ -280,6 +301,7 @@ class Aggregator:
                     local[key] = (signed.doc, path)
                 except ValidationError as exc:
                     self._reject(key, str(exc))
+                    self._rejected_bases[key] = (site, signed.doc.base_version)
                 r += 1
             cursor[site] = r
         return pending, cursor, local
@@ -296,6 +318,13 @@ class Aggregator:
             raise ValidationError(f"payload {upd.blob.key} lies outside site {site}'s folder")
         path = self._fetch(upd.blob)
         validate_update(path, expected=self._site_shapes(site))
+        limit = self.config.update_norm_limit
+        if limit > 0:
+            base_ref = self.manifest(upd.base_version).doc.blob_for(site)
+            ratio = relative_change(path, self._fetch(base_ref))
+            if ratio > limit:
+                raise ValidationError(f"implausible update: it moves the model by {ratio:.3g} x the norm of "
+                                      f"v{upd.base_version} (limit {limit:g})")
         return path
 
     def _fetch(self, ref: BlobRef) -> str:
@@ -330,9 +359,9 @@ class Aggregator:
         out_dir.mkdir(parents=True)
         meta = {"federation": c.federation_id, "version": str(version + 1), "producer": "fedfs-aggregator"}
         final = decision.final or version + 1 >= c.rounds
-        if decision.final and not updates:
+        if not updates:  # nothing acceptable (or nothing more will come): the same weights, a new version
             doc = GlobalManifest(version=version + 1, blob=current.blob, site_blobs=current.site_blobs,
-                                 next_rounds=cursor, report={"reason": decision.reason}, final=True)
+                                 next_rounds=cursor, report={"reason": decision.reason}, final=final)
             self._commit(doc)
             return doc
         glob = self._fetch(current.blob) if current.blob is not None else None

@@ -70,12 +70,15 @@ def decide_aggregation(
     pending: list[Pending],
     next_rounds: dict[str, int],
     age_s: float,
+    rejected_sites: frozenset[str] | set[str] = frozenset(),
 ) -> AggregateDecision:
     """Should the aggregator publish ``v(version+1)`` now, and from which updates?
 
     ``next_rounds`` holds, per site, the next update number the aggregator has
     not yet seen (so ``>= rounds`` means the site has sent all it will send);
-    ``age_s`` is how long ago the current global was published.
+    ``age_s`` is how long ago the current global was published; ``rejected_sites``
+    sent an update from the current version that was rejected (in sync mode they have
+    answered: they will not train from this version again).
     """
     if version >= config.rounds:
         return AggregateDecision(False, reason="finished")
@@ -84,13 +87,18 @@ def decide_aggregation(
     can_still_send = {s for s in sites if next_rounds.get(s, 0) < config.rounds}
     if config.aggregation == "sync":
         have = {p.site for p in usable}
-        if have >= set(sites):
-            return AggregateDecision(True, tuple(usable), tuple(rejected), reason="every site reported")
+        answered = have | (set(rejected_sites) | {p.site for p, _ in rejected if p.base_version == version})
+        if answered >= set(sites):
+            if not usable:
+                return AggregateDecision(True, (), tuple(rejected),
+                                         reason=f"every update from v{version} was rejected: global unchanged")
+            return AggregateDecision(True, tuple(usable), tuple(rejected), reason="every site reported"
+                                     if have >= set(sites) else f"every site reported ({len(have)} accepted)")
         need = config.min_sites or len(sites)
         if config.deadline_s and age_s >= config.deadline_s and len(have) >= max(1, need):
             return AggregateDecision(True, tuple(usable), tuple(rejected),
                                      reason=f"deadline of {config.deadline_s:g} s passed with {len(have)} site(s)")
-        waiting_for = set(sites) - have
+        waiting_for = set(sites) - answered
         if usable and not (waiting_for & can_still_send):
             return AggregateDecision(True, tuple(usable), tuple(rejected),
                                      reason="the missing sites have no rounds left")

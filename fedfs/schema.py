@@ -54,6 +54,7 @@ class FederationConfig(Document):
     weighting: str = "cases"
     align: str = "resolution"
     seed: int = 12345
+    update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
     created: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -69,6 +70,7 @@ class FederationConfig(Document):
         require(self.deadline_s >= 0, where, "deadline_s must be >= 0")
         require(self.max_staleness >= 0, where, "max_staleness must be >= 0")
         require(0 < self.eta <= 10, where, "eta must be in (0, 10]")
+        require(self.update_norm_limit >= 0, where, "update_norm_limit must be >= 0")
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")

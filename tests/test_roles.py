@@ -149,3 +149,29 @@ def test_aggregator_crash_between_payload_and_manifest(tmp_path, keys):
     v1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
     assert v1.blob.key in blobs_before  # the same bytes as the interrupted run
     drive(fresh, sites)
+
+
+def test_update_norm_plausibility_check(tmp_path, keys):
+    fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2, update_norm_limit=1.0)
+    setup(fed, aggregator, sites)
+    # site C posts a "boosted" update: 100 x its real weights (a classic model-replacement attack)
+    from fedfs.weights import save_weights
+
+    orig = sites["C"].work.train_round
+
+    def boosted(gpath, epochs, out):
+        m = orig(gpath, epochs, out)
+        tensors = load_weights(out)[0]
+        save_weights(out, {k: t * 100 for k, t in tensors.items()})
+        return m
+
+    sites["C"].work.train_round = boosted
+    for s in sites.values():
+        s.step()
+    result = aggregator.step()
+    assert result.action == "aggregated" and result.extra["sites"] == ["A", "B"]  # C answered, rejected
+    reason = aggregator._rejected[layout.site_update("C", 0)]
+    assert "implausible update" in reason and "limit 1" in reason
+    drive(aggregator, sites)  # the federation goes on without the rejected update
+    v1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
+    assert [c.site for c in v1.contributions] == ["A", "B"]

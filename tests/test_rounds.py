@@ -100,3 +100,11 @@ def test_setup_sequence():
     s.v0_published = True
     assert setup_due(c, s) == "rounds"
     assert setup_due(cfg(mode="asym"), SetupState(plans_sites={"A", "B", "C"})) == "v0"
+
+
+def test_sync_rejected_sites_count_as_answered():
+    c = cfg()
+    d = decide_aggregation(c, 1, [p("A", 1, 1), p("B", 1, 1)], {"A": 2, "B": 2, "C": 2}, 0, rejected_sites={"C"})
+    assert d.aggregate and [x.site for x in d.chosen] == ["A", "B"]
+    d = decide_aggregation(c, 1, [], {"A": 2, "B": 2, "C": 2}, 0, rejected_sites={"A", "B", "C"})
+    assert d.aggregate and d.chosen == () and "unchanged" in d.reason
