@@ -95,8 +95,9 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--sites", required=True, help="Comma-separated site names, e.g. A,B,C.")
 @click.option("--keys", "key_dir", required=True, type=click.Path(file_okay=False),
               help="Folder with every SITE.pub and the aggregator's .key.")
-@click.option("--mode", type=click.Choice(["ffe", "asym"]), default="ffe", show_default=True,
-              help="ffe: one plan from a merged fingerprint; asym: local plans, shared layers averaged.")
+@click.option("--mode", type=click.Choice(["ffe", "asym", "fedavg"]), default="ffe", show_default=True,
+              help="ffe: one nnU-Net plan from a merged fingerprint; asym: local plans, shared layers averaged; "
+                   "fedavg: any PyTorch model, no fingerprint phase.")
 @click.option("-c", "--configuration", default="2d", show_default=True, help="nnU-Net configuration to train.")
 @click.option("--rounds", type=int, default=5, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True, help="nnU-Net epochs per round.")
@@ -106,6 +107,8 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--deadline", "deadline_s", type=float, default=0.0, help="Sync: seconds to wait for slow sites (0 = forever).")
 @click.option("--max-staleness", type=int, default=8, show_default=True)
 @click.option("--weighting", type=click.Choice(["cases", "uniform"]), default="cases", show_default=True)
+@click.option("--update-norm-limit", type=float, default=0.0, show_default=True,
+              help="Reject updates with ||update - base|| > LIMIT x ||base|| (0 = off; see docs/security.md).")
 @click.option("--align", type=click.Choice(["resolution", "name"]), default="resolution", show_default=True,
               help="AsymFedAvg layer matching: by resolution level, or by name (the reference behaviour).")
 @storage_option
@@ -162,7 +165,7 @@ def doctor(url: str, as_json: bool, prefix: str | None, storage_options: tuple[s
               help="Print one JSON object {bucket, mode, sites, rounds, dice_per_site, exported} instead of a summary.")
 @click.option("--rounds", type=int, default=None, help="Federated rounds (default 3).")
 @click.option("--local-epochs", type=int, default=None, help="nnU-Net epochs per round (default 4).")
-@click.option("--mode", type=click.Choice(["ffe", "asym"]), default="ffe", show_default=True)
+@click.option("--mode", type=click.Choice(["ffe", "asym", "fedavg"]), default="ffe", show_default=True)
 @click.option("--aggregation", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
 def demo(workdir: str | None, as_json: bool, rounds: int | None, local_epochs: int | None, mode: str,
          aggregation: str) -> None:
@@ -185,9 +188,12 @@ def demo(workdir: str | None, as_json: bool, rounds: int | None, local_epochs: i
 
 
 def _register() -> None:
+    from .bundle import bundle_group
     from .cli_roles import aggregator, export, simulate, site
+    from .report import report_command
+    from .status import status_command
 
-    for cmd in (site, aggregator, simulate, export):
+    for cmd in (site, aggregator, simulate, export, status_command, report_command, bundle_group):
         main.add_command(cmd)
 
 
