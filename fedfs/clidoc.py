@@ -31,8 +31,14 @@ commands, as a key in a TOML file passed with `--config`.
 """
 
 
+def _context(cmd: click.Command, name: str) -> click.Context:
+    """A context as the CLI makes it (the command's own settings, e.g. ``-h``), at a fixed width."""
+    settings = {**cmd.context_settings, "terminal_width": 100, "max_content_width": 100}
+    return click.Context(cmd, info_name=name, **settings)
+
+
 def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
-    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+    ctx = _context(cmd, " ".join(path))
     if path[1:]:
         out.append(f"\n## `{' '.join(path)}`\n")
         out.append("```text")
@@ -47,7 +53,7 @@ def render() -> str:
     from .cli import main
 
     out = [HEADER.rstrip(), "\n## `fedfs`\n", "```text",
-           main.get_help(click.Context(main, info_name="fedfs", terminal_width=100, max_content_width=100)).rstrip(), "```"]
+           main.get_help(_context(main, "fedfs")).rstrip(), "```"]
     _walk(main, ["fedfs"], out)
     return "\n".join(out) + "\n"
 
