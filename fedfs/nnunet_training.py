@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
-import re
-import shutil
+import pickle
 import time
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, NnunetError
+from .nnunet_build import NNUNET_ENV_VARS, build_trainer, env_snapshot, nnunet_env, torch_device, trainer_search_path
 from .nnunet_inference import (ModelSpec, dice_per_case, export_model_folder, model_folder_in_results,
                                predict_folder, predict_from_results)
 
@@ -46,6 +44,7 @@ __all__ = [
     "FinishResult",
     "trainer_search_path",
     "NNUNET_ENV_VARS",
+    "nnunet_env",
     "ModelSpec",
     "export_model_folder",
     "model_folder_in_results",
@@ -54,31 +53,7 @@ __all__ = [
     "dice_per_case",
 ]
 
-#: Environment variables nnU-Net reads while it trains; a session snapshots and re-applies them.
-NNUNET_ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
-                   "nnUNet_n_proc_DA", "nnUNet_compile")
 _ORIG_MOD = "_orig_mod."
-_SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def trainer_search_path() -> str:
-    """The folder with fedfs's nnU-Net trainers (``nnUNetTrainerFedfsTiny``), for ``nnUNet_extTrainer``."""
-    return str(Path(__file__).resolve().parent / "nnunet_trainers")
-
-
-@contextlib.contextmanager
-def nnunet_env(env: Mapping[str, str]) -> Iterator[None]:
-    """Set ``env`` in ``os.environ`` for the duration of the block, then restore what was there."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _strip_compiled(name: str) -> str:
@@ -91,54 +66,6 @@ def _finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _torch_device(device: str) -> torch.device:
-    """``nnUNetv2_train -device``: the device and the torch thread settings it makes."""
-    import torch
-
-    if device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())  # "let's allow torch to use hella threads"
-        return torch.device("cpu")
-    if device == "cuda":
-        torch.set_num_threads(1)
-        with contextlib.suppress(RuntimeError):  # only allowed before the first parallel work
-            torch.set_num_interop_threads(1)
-        return torch.device("cuda")
-    if device == "mps":
-        return torch.device("mps")
-    raise ConfigError(f"device must be 'cpu', 'cuda' or 'mps' (as nnUNetv2_train -device), got {device!r}")
-
-
-def _fedfs_trainer_class(name: str) -> type | None:
-    """fedfs's own trainer called ``name``, imported as ``fedfs.nnunet_trainers.<module>``, or None."""
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules([trainer_search_path()]):
-        if not info.ispkg:
-            cls = getattr(importlib.import_module(f"fedfs.nnunet_trainers.{info.name}"), name, None)
-            if isinstance(cls, type):
-                return cls
-    return None
-
-
-def _instantiate(trainer_class: type, dataset: str | int, configuration: str, fold: int | str, plans: str,
-                 continue_training: bool, device: torch.device) -> Any:
-    """The body of nnU-Net's ``get_trainer_from_args`` for a trainer class already in hand."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    if not issubclass(trainer_class, nnUNetTrainer):
-        raise NnunetError(f"{trainer_class.__name__} does not inherit from nnUNetTrainer")
-    key = str(dataset) if str(dataset).startswith("Dataset") else int(dataset)
-    base = os.path.join(os.environ["nnUNet_preprocessed"], maybe_convert_to_dataset_name(key))
-    plans_dict = load_json(os.path.join(base, plans + ".json"))
-    plans_dict["continue_training"] = continue_training
-    dataset_json = load_json(os.path.join(base, "dataset.json"))
-    return trainer_class(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                         device=device)
 
 
 @dataclass(frozen=True)
@@ -162,6 +89,9 @@ class NnunetSession:
         publish(s.weights(), metrics)
         ...
         s.finish()                        # checkpoint_final.pth + nnU-Net's validation
+
+    Every nnU-Net call runs with the session's snapshot of nnU-Net's environment variables set
+    in ``os.environ`` (restored afterwards): use one session per thread at a time.
     """
 
     def __init__(self, trainer: Any, env: Mapping[str, str]):
@@ -178,7 +108,8 @@ class NnunetSession:
     def create(cls, dataset: str | int, configuration: str, fold: int | str,
                trainer: str | type = "nnUNetTrainer", plans: str = "nnUNetPlans", device: str = "cpu", *,
                total_epochs: int, iterations_per_epoch: int | None = None, val_iterations: int | None = None,
-               output_folder_suffix: str | None = None, env: Mapping[str, str] | None = None) -> NnunetSession:
+               output_folder_suffix: str | None = None, env: Mapping[str, str] | None = None,
+               num_threads: int | None = None) -> NnunetSession:
         """Build and initialise the trainer as ``nnUNetv2_train dataset configuration fold -tr trainer
         -p plans -device device`` would, with ``num_epochs = total_epochs``.
 
@@ -189,6 +120,9 @@ class NnunetSession:
         the output folder to ``Trainer__Plans__conf<suffix>/fold_X`` so a federated run does not
         share a folder with a plain nnU-Net training of the same trainer, plans and fold
         (``nnUNetv2_predict -d`` will not find it there; ``-m`` does).
+
+        ``num_threads`` overrides nnUNetv2_train's torch thread count (all cores on CPU), which
+        oversubscribes a machine that runs several sites at once (``fedfs simulate``).
 
         ``trainer`` is a name looked up by nnU-Net (its package, then ``nnUNet_extTrainer``) or a
         trainer class. nnU-Net's search imports every trainer module of nnunetv2 on the way
@@ -202,55 +136,14 @@ class NnunetSession:
         for name, value in (("iterations_per_epoch", iterations_per_epoch), ("val_iterations", val_iterations)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
-        if output_folder_suffix is not None and not _SUFFIX_RE.match(output_folder_suffix):
-            raise ConfigError(f"output_folder_suffix must match {_SUFFIX_RE.pattern}, got {output_folder_suffix!r}")
-        if isinstance(fold, str) and fold != "all":
-            try:
-                fold = int(fold)
-            except ValueError:
-                raise ConfigError(f"fold must be an integer or 'all', got {fold!r}") from None
-        snapshot = {k: os.environ[k] for k in NNUNET_ENV_VARS if k in os.environ}
-        snapshot.update(env or {})
-        for var in ("nnUNet_preprocessed", "nnUNet_results"):
-            if not snapshot.get(var):
-                raise NnunetError(f"{var} is not set: nnU-Net needs it to train (see nnU-Net's "
-                                  "documentation/setting_up_paths.md)")
-        torch_device = _torch_device(device)
-        try:
-            from nnunetv2.run.run_training import get_trainer_from_args
-        except ImportError as exc:
-            raise NnunetError(f"nnunetv2 is not installed ({exc})") from exc
+        snapshot = env_snapshot(env)
+        device_ = torch_device(device, num_threads)
+        t = build_trainer(dataset, configuration, fold, trainer, plans, device_, snapshot, output_folder_suffix)
 
         import torch
         from torch.backends import cudnn
 
-        trainer_name = trainer if isinstance(trainer, str) else trainer.__name__
         with nnunet_env(snapshot):
-            resume = cls._has_checkpoint(snapshot, dataset, trainer_name, plans, configuration, fold,
-                                         output_folder_suffix)
-            what = (f"trainer {trainer_name} for dataset {dataset}, configuration {configuration}, "
-                    f"plans {plans}, fold {fold}")
-            try:
-                if isinstance(trainer, str):
-                    try:
-                        t = get_trainer_from_args(str(dataset), configuration, fold, trainer, plans,
-                                                  continue_training=resume, device=torch_device)
-                    except Exception as exc:  # noqa: BLE001 - nnU-Net's class search imports every trainer module
-                        own = _fedfs_trainer_class(trainer)
-                        if own is None:
-                            raise
-                        warnings.warn(f"nnU-Net's trainer search failed ({type(exc).__name__}: {exc}); using "
-                                      f"fedfs's own {trainer} from {trainer_search_path()}", RuntimeWarning,
-                                      stacklevel=2)
-                        t = _instantiate(own, dataset, configuration, fold, plans, resume, torch_device)
-                else:
-                    t = _instantiate(trainer, dataset, configuration, fold, plans, resume, torch_device)
-            except NnunetError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - nnU-Net raises bare RuntimeError/AssertionError/OSError
-                raise NnunetError(f"nnU-Net could not build {what}: {type(exc).__name__}: {exc}") from exc
-            if output_folder_suffix:
-                cls._move_output_folder(t, output_folder_suffix)
             t.num_epochs = int(total_epochs)
             if iterations_per_epoch is not None:
                 t.num_iterations_per_epoch = int(iterations_per_epoch)
@@ -261,35 +154,6 @@ class NnunetSession:
                 cudnn.benchmark = True
             t.initialize()
         return cls(t, snapshot)
-
-    @staticmethod
-    def _has_checkpoint(env: Mapping[str, str], dataset: str | int, trainer: str, plans: str,
-                        configuration: str, fold: int | str, suffix: str | None) -> bool:
-        """Whether nnU-Net's output folder already holds a checkpoint (the logger's ``resume`` flag)."""
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-        try:
-            name = maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
-        except (RuntimeError, ValueError):
-            return False
-        folder = Path(env["nnUNet_results"], name, f"{trainer}__{plans}__{configuration}{suffix or ''}", f"fold_{fold}")
-        return any((folder / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth"))
-
-    @staticmethod
-    def _move_output_folder(t: Any, suffix: str) -> None:
-        """Point a fresh trainer at ``<output_folder_base><suffix>/fold_X``, taking its new log file along."""
-        old_fold_dir, old_base = Path(t.output_folder), Path(t.output_folder_base)
-        t.output_folder_base = str(old_base) + suffix
-        t.output_folder = os.path.join(t.output_folder_base, f"fold_{t.fold}")
-        os.makedirs(t.output_folder, exist_ok=True)
-        new_log = os.path.join(t.output_folder, os.path.basename(t.log_file))
-        if os.path.isfile(t.log_file):
-            shutil.move(t.log_file, new_log)
-        t.log_file = new_log
-        t.logger.output_folder = t.output_folder
-        for d in (old_fold_dir, old_base):  # remove what the constructor created, if nothing else is there
-            with contextlib.suppress(OSError):
-                d.rmdir()
 
     # ------------------------------------------------------------------ state
 
@@ -323,7 +187,8 @@ class NnunetSession:
             try:
                 with nnunet_env(self.env):
                     self.trainer.load_checkpoint(str(path))
-            except (RuntimeError, EOFError, OSError, KeyError) as exc:  # torn or foreign file
+            except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+                # a torn file (crash while nnU-Net wrote it) or one of another network
                 errors.append(f"{name}: {exc}")
                 continue
             self.resumed_from = path

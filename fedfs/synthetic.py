@@ -9,7 +9,8 @@ for it and writes 2D predictions back, which is what nnU-Net's documentation rec
 
 Sites differ the way hospitals do (:class:`SiteStyle`): intensity scale and offset, contrast,
 noise, pixel spacing, lesion size and shape (ellipses or lobulated blobs), a multiplicative
-bias field, stripe artefacts, and case counts. The channel is named ``"MRI"`` so nnU-Net
+bias field, stripe artefacts, motion ghosts (a faint copy shifted by about half the field of
+view, lesions included but unlabelled), and case counts. The channel is named ``"MRI"`` so nnU-Net
 z-scores every image: a per-case normalisation is what makes such different scanners
 comparable, and it is the same for every site of a federation.
 
@@ -62,6 +63,7 @@ class SiteStyle:
     max_lesions: int = 1                   # 1..max_lesions lesions per case
     bias_field: float = 0.0                # amplitude of a smooth multiplicative field
     stripes: float = 0.0                   # amplitude of sinusoidal stripes, contrast units
+    ghosting: float = 0.0                  # amplitude of a motion ghost: a copy shifted by ~half the FOV
     n_train: int = 12
     n_test: int = 4
     channel_name: str = "MRI"              # anything but "CT" gives nnU-Net's per-case z-score
@@ -147,6 +149,14 @@ def _lesion_mask(rng: np.random.Generator, style: SiteStyle, shape: tuple[int, i
     return rho <= 1.0
 
 
+def _ghost(rng: np.random.Generator, img: np.ndarray, amplitude: float) -> np.ndarray:
+    """An MRI motion ghost: a faint copy of the image (lesions included, unlabelled) shifted along
+    a random phase-encoding axis by about half the field of view, as periodic motion produces."""
+    axis = int(rng.integers(0, img.ndim))
+    shift = img.shape[axis] // 2 + int(rng.integers(-img.shape[axis] // 8, img.shape[axis] // 8 + 1))
+    return amplitude * np.roll(img - img.mean(), shift, axis=axis)
+
+
 def make_case(rng: np.random.Generator, style: SiteStyle,
               shape: tuple[int, int] = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """One (image float32, label uint8) pair in the site's raw intensity units."""
@@ -158,6 +168,8 @@ def make_case(rng: np.random.Generator, style: SiteStyle,
         yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
         angle, period = rng.uniform(0, np.pi), rng.uniform(4.0, 9.0)
         img += style.stripes * np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)
+    if style.ghosting:
+        img += _ghost(rng, img, style.ghosting)
     img += rng.normal(0.0, style.noise, shape)
     img += 1.0  # keep the tissue positive so a bias field scales it like a real coil would
     if style.bias_field:
@@ -212,7 +224,9 @@ def make_site(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: 
     for i in range(n_train + n_test):
         img, seg = make_case(rng, style)
         case = f"{name}_{i:03d}"
-        img_dir, seg_dir = (dataset_dir / "imagesTr", dataset_dir / "labelsTr") if i < n_train else (images_ts, labels_ts)
+        train = i < n_train
+        img_dir = dataset_dir / "imagesTr" if train else images_ts
+        seg_dir = dataset_dir / "labelsTr" if train else labels_ts
         _write_image(img, style.spacing, img_dir / f"{case}_0000{FILE_ENDING}")
         _write_image(seg, style.spacing, seg_dir / f"{case}{FILE_ENDING}")
     _write_dataset_json(dataset_dir, n_train, style.channel_name)

@@ -20,7 +20,7 @@ class nnUNetTrainerFedfsTiny(nnUNetTrainer):
     fedfs_inference_trainer = "nnUNetTrainer"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 5
