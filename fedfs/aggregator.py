@@ -285,6 +285,8 @@ class Aggregator:
             while True:
                 key = layout.site_update(site, r)
                 if key in self._rejected:
+                    if key not in self._rejected_bases:  # rejected before a restart: which version it answered
+                        self._rejected_bases[key] = (site, self._base_of(key))
                     r += 1
                     continue
                 try:
@@ -306,6 +308,13 @@ class Aggregator:
             cursor[site] = r
         return pending, cursor, local
 
+    def _base_of(self, key: str) -> int:
+        """The base version a rejected update names (-1 if its manifest itself was refused)."""
+        try:
+            return self.bucket.read(key, UpdateManifest).doc.base_version
+        except (NotFound, ValidationError):
+            return -1
+
     def _verify_update(self, site: str, upd: UpdateManifest) -> str:
         from .weights import validate_update
 
@@ -320,7 +329,10 @@ class Aggregator:
         validate_update(path, expected=self._site_shapes(site))
         limit = self.config.update_norm_limit
         if limit > 0:
-            base_ref = self.manifest(upd.base_version).doc.blob_for(site)
+            try:
+                base_ref = self.manifest(upd.base_version).doc.blob_for(site)
+            except NotFound:
+                raise ValidationError(f"update names base version v{upd.base_version}, which does not exist") from None
             ratio = relative_change(path, self._fetch(base_ref))
             if ratio > limit:
                 raise ValidationError(f"implausible update: it moves the model by {ratio:.3g} x the norm of "
@@ -329,6 +341,9 @@ class Aggregator:
 
     def _fetch(self, ref: BlobRef) -> str:
         """A verified local copy of a blob (cached by sha256)."""
+        # Embedded documents are not validated by from_dict: the sha256 must be hex before it names a local
+        # file, or "../out/v000001/global.safetensors" would make a file already on disk pass as the payload.
+        ref.validate(self.fed.store.describe(ref.key))
         path = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
         if not path.exists():
             self.bucket.get_blob_file(ref, str(path))
@@ -339,9 +354,19 @@ class Aggregator:
 
         c = self.config
         current = self.manifest(version).doc
+        out_dir = self.work / "out" / f"v{version + 1:06d}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
         updates = []
+        src: dict[str, str] = {}  # pending key -> the file aggregate() reads for it, one name per update
         for p in chosen:
             doc, path = local[p.key]
+            if path in src.values():  # two updates with one payload (the cache is by sha256): contributions
+                alias = out_dir / f"input-{p.site}-r{p.round:06d}{Path(path).suffix}"  # are told apart by path
+                shutil.copyfile(path, alias)
+                path = str(alias)
+            src[p.key] = path
             base_ref = self.manifest(doc.base_version).doc.blob_for(p.site) if doc.base_version != version else None
             updates.append(agg.Update(site=p.site, path=path, num_cases=float(doc.num_cases),
                                       base_version=doc.base_version,
@@ -353,10 +378,6 @@ class Aggregator:
             rule = agg.FedAvg(weighting=c.weighting)
         else:
             rule = agg.FedBuff(eta=c.eta, staleness=staleness, max_staleness=c.max_staleness, weighting=c.weighting)
-        out_dir = self.work / "out" / f"v{version + 1:06d}"
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
         meta = {"federation": c.federation_id, "version": str(version + 1), "producer": "fedfs-aggregator"}
         final = decision.final or version + 1 >= c.rounds
         if not updates:  # nothing acceptable (or nothing more will come): the same weights, a new version
@@ -386,9 +407,9 @@ class Aggregator:
                 site_blobs[site] = self.bucket.put_blob_file(layout.aggregator_blob, str(out))
             sharing = {s: vars(v) for s, v in res.sharing.items()}
         for r in res.rejected:
-            key = next((p.key for p in chosen if local[p.key][1] == r.path), r.path)
+            key = next((k for k, path in src.items() if path == r.path), r.path)
             self._reject(key, r.reason)
-        by_path = {local[p.key][1]: p for p in chosen}
+        by_path = {src[p.key]: p for p in chosen}
         contributions = []
         for x in res.contributions:
             p = by_path[x.path]

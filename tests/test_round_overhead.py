@@ -1,0 +1,57 @@
+"""The round-overhead benchmark's core, small: idle polls cost the same at any version, and each
+site moves one model each way per round (benchmarks/round_overhead.py measures it at nnU-Net size)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "round_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def ro():
+    spec = importlib.util.spec_from_file_location("round_overhead_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_idle_poll_cost_does_not_grow_with_history(ro, tmp_path, keys):
+    # Prepare / Execute: a tiny-model federation driven to v12, idle polls counted at v1 and v12
+    polls = ro.measure_idle_polls(str(tmp_path / "bucket"), keys, tmp_path / "work", at=(1, 12))
+    early, late = polls["v1"], polls["v12"]
+    # Assert: the same requests, op by op, for every party, and a small constant
+    for party in (ro.AGGREGATOR, *ro.SITES, "aggregator_partial"):
+        assert late[party]["ops"] == early[party]["ops"], party
+        assert late[party]["requests"] == early[party]["requests"], party
+        assert "list" not in late[party]["ops"] and "download" not in late[party]["ops"], party
+        assert late[party]["bytes_up"] == 0, f"{party}: a steady idle poll writes nothing"
+    for site in ro.SITES:
+        assert early[site]["requests"] <= 3  # the latest hint and a probe of the next version
+    assert early[ro.AGGREGATOR]["requests"] <= 2 + len(ro.SITES)  # hint, next version, one probe per site
+
+
+def test_each_site_uploads_one_update_and_downloads_one_global_per_round(ro, tmp_path, keys):
+    # Prepare / Execute: 3 sites + aggregator, each its real run_loop in a thread, polling a folder
+    rounds = 3
+    results = ro.run_federation(str(tmp_path / "bucket"), keys, tmp_path / "work", rounds=rounds, watch="poll",
+                                poll_interval=0.05, model="tiny", sleep_s=0.0, processes=False, timeout_s=60)
+    # Assert: between set-up and each update, exactly one model up and one down
+    for site in ro.SITES:
+        acts = results[site]["actions"]
+        planned = next(a[2] for a in acts if a[1] == "planned")
+        updates = [a[2] for a in acts if a[1] == "update"]
+        assert len(updates) == rounds
+        bounds = [planned, *updates]
+        for r in range(rounds):
+            assert ro.blob_transfers(results[site], bounds[r], bounds[r + 1]) == {"uploads": 1, "downloads": 1}, \
+                f"site {site} round {r}"
+        assert ro.blob_transfers(results[site], 0, planned) == {"uploads": 1, "downloads": 0}  # initial weights
+        assert ro.blob_transfers(results[site], updates[-1]) == {"uploads": 0, "downloads": 1}  # the final global
+        assert len(results[site]["loaded_at"]) == rounds + 1
+    timing = ro.analyse(results, rounds)
+    assert len(timing["rounds_detail"]) == rounds
+    assert all(d["detect_s"] > 0 for d in timing["rounds_detail"])
