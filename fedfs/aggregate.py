@@ -27,10 +27,12 @@ Design decisions:
   a file up front instead, at the cost of one more read.
 - Output: safetensors written by this module, header first (shapes and dtypes are
   known from the plan), then tensors in sorted key order, metadata as given.
-- Speed: reads are ``os.preadv`` into reused buffers (no mmap: touched mapped pages
-  would count in RSS), fused ``add_(x, alpha=c)`` in torch, and two worker threads
-  taking chunks in turn (I/O and torch release the GIL), with torch's own
-  intra-op threads set to 1 for the duration.
+- Speed: each input chunk (2 MiB) is read with ``os.preadv`` into one reused
+  buffer (no mmap: touched mapped pages would count in RSS) and added while still
+  in cache, ``acc.add_(x, alpha=c)``, one fused pass. Two worker threads take
+  chunks in turn (file I/O and torch release the GIL), torch's intra-op threads
+  set to 1 meanwhile; the output is preallocated (``posix_fallocate``). Chunking
+  depends only on the inputs, so any thread or re-run computes the same bytes.
 
 AsymFedAvg (``align="level"`` or ``"name"``): outputs are *groups* (aligned key +
 shape, see :mod:`fedfs.align`) averaged over the sites that have them; the result
@@ -113,7 +115,6 @@ class FedAsync:
     alpha: float = 0.6
     staleness: Staleness = Staleness()
     max_staleness: int | None = None
-    weighting: str = "uniform"
 
 
 Rule = Union[FedAvg, FedBuff, FedAsync]
@@ -129,10 +130,10 @@ class Update:
     """
 
     site: str
-    path: str
+    path: str | os.PathLike[str]
     num_cases: float | None = None
     base_version: int | None = None
-    base_path: str | None = None
+    base_path: str | os.PathLike[str] | None = None
     expected: Mapping[str, Sequence[int]] | None = None
 
 
@@ -171,7 +172,7 @@ class _Accepted:
     weight: float
     tau: int
     scale: float
-    base: int  # index into the sources list (0 = global)
+    base: int  # index of its base in the sources list (0: the global itself)
 
 
 # ---- validation of inputs ------------------------------------------------------
@@ -206,6 +207,10 @@ def _staleness(u: Update, rule: Rule, version: int | None) -> tuple[int, float]:
     return tau, rule.staleness(tau)
 
 
+def _weighting(rule: Rule) -> str:
+    return getattr(rule, "weighting", "uniform")  # FedAsync mixes without case weights
+
+
 def _kind(dtype: str) -> str:
     return "float" if dtype in FLOAT_DTYPES else "int"
 
@@ -217,11 +222,14 @@ def _out_dtype(dtypes: Sequence[str]) -> str:
 
 
 # ---- planning (pure) -----------------------------------------------------------
-def _coefficients(rule: Rule, members: list[_Accepted], has_global: bool) -> tuple[float, dict[int, float], list[float]]:
+def _coefficients(rule: Rule, members: list[_Accepted],
+                  has_global: bool) -> tuple[float, dict[int, float], list[float]]:
     """(coefficient of the global, of each base source, of each member) for one output tensor."""
     bases: dict[int, float] = {}
     if isinstance(rule, FedAsync):
-        mix = [rule.alpha * m.scale for m in members] if has_global else [1.0] + [rule.alpha * m.scale for m in members[1:]]
+        mix = [rule.alpha * m.scale for m in members]
+        if not has_global:
+            mix[0] = 1.0  # a group new to the global starts from its first member
         coefs, keep = [], 1.0
         for a in reversed(mix):
             coefs.append(a * keep)
@@ -287,8 +295,8 @@ def _merge_same(terms: list[Term]) -> list[Term]:
 
 
 # ---- streaming execution -------------------------------------------------------
-CHUNK_ELEMS = 1 << 18  # 1 MiB of float32 per read: stays in cache between read and add
-_THREADS = 2
+CHUNK_ELEMS = 1 << 19  # elements per read and write: 2 MiB of float32 (smaller calls cost more per byte)
+_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class Term(NamedTuple):
@@ -361,9 +369,9 @@ def _isfinite(x: torch.Tensor) -> bool:
 
 
 class _Worker:
-    """One thread's file handles and buffers (read, accumulator, converted output), reused per chunk."""
+    """One thread's file handles and buffers (input, accumulator, converted output), reused per chunk."""
 
-    def __init__(self, sources: Sequence[str], out_path: str) -> None:
+    def __init__(self, sources: Sequence[str], out_path: str, item: int) -> None:
         self.paths, self.files = sources, []
         for i, p in enumerate(sources):
             try:
@@ -372,38 +380,37 @@ class _Worker:
                 self.close()
                 raise SourceFailed(i, ValidationError(f"{p}: cannot read: {exc}")) from exc
         self.out = open(out_path, "r+b", buffering=0)
-        self.rbuf, self.abuf, self.obuf = (bytearray(CHUNK_ELEMS * 8), bytearray(CHUNK_ELEMS * 8),
-                                           bytearray(CHUNK_ELEMS * 2))
-        self.rview, self.aview, self.oview = memoryview(self.rbuf), memoryview(self.abuf), memoryview(self.obuf)
-        self.r = {n: torch.frombuffer(self.rbuf, dtype=t) for n, (_, t) in ALLOWED_DTYPES.items()}
-        self.a = {n: torch.frombuffer(self.abuf, dtype=t) for n, (_, t) in ALLOWED_DTYPES.items()}
-        self.o = {n: torch.frombuffer(self.obuf, dtype=ALLOWED_DTYPES[n][1]) for n in ("F16", "BF16")}
+        acc_item = 8 if item == 8 else 4
+        self.bufs = [torch.empty(CHUNK_ELEMS * item, dtype=torch.uint8),
+                     torch.empty(CHUNK_ELEMS * acc_item, dtype=torch.uint8),
+                     torch.empty(CHUNK_ELEMS * 2, dtype=torch.uint8)]
+        self.rview, self.aview, self.oview = (memoryview(b.numpy()) for b in self.bufs)
+        self.r, self.a = ({n: b.view(t) for n, (i, t) in ALLOWED_DTYPES.items() if i <= len(b) // CHUNK_ELEMS}
+                          for b in self.bufs[:2])
+        self.o = {n: self.bufs[2].view(ALLOWED_DTYPES[n][1]) for n in ("F16", "BF16")}
 
     def close(self) -> None:
         for f in self.files + ([self.out] if hasattr(self, "out") else []):
             f.close()
 
-    def _read(self, term: Term, start: int, n: int) -> torch.Tensor:
-        item = ALLOWED_DTYPES[term.dtype][0]
-        try:
-            read_at(self.files[term.src], self.rview[:n * item], term.offset + start * item, self.paths[term.src])
-        except (OSError, ValidationError) as exc:
-            raise SourceFailed(term.src, exc) from exc
-        return self.r[term.dtype][:n]
-
     def run(self, seg: _Segment, start: int, n: int) -> None:
         acc_name = "I64" if seg.kind == "max" else ("F64" if seg.dtype == "F64" else "F32")
         acc = self.a[acc_name][:n]
         for j, term in enumerate(seg.terms):
-            x = self._read(term, start, n)
-            if seg.kind == "max" and j:
-                torch.maximum(acc, x, out=acc)
+            item = ALLOWED_DTYPES[term.dtype][0]
+            try:
+                read_at(self.files[term.src], self.rview[:n * item], term.offset + start * item, self.paths[term.src])
+            except (OSError, ValidationError) as exc:
+                raise SourceFailed(term.src, exc) from exc
+            x = self.r[term.dtype][:n]
+            if seg.kind == "max":
+                torch.maximum(acc, x, out=acc) if j else acc.copy_(x)
             elif j == 0 and term.dtype == acc_name:
-                torch.mul(x, term.coef, out=acc) if seg.kind == "lin" else acc.copy_(x)
+                torch.mul(x, term.coef, out=acc)
             elif j == 0:
                 acc.copy_(x).mul_(term.coef)
             else:
-                acc.add_(x, alpha=term.coef)
+                acc.add_(x, alpha=term.coef)  # one fused pass; x and acc are still in cache
         view, result = self.aview, acc
         if seg.dtype != acc_name:
             view, result = self.oview, self.o[seg.dtype][:n]
@@ -434,17 +441,21 @@ def execute(outs: Sequence[Out], sources: Sequence[str], out_path: str, metadata
     header, offsets = safetensors_header([(o.key, o.dtype, o.shape) for o in outs], metadata)
     size = len(header) + (offsets[-1] + math.prod(outs[-1].shape) * ALLOWED_DTYPES[outs[-1].dtype][0] if outs else 0)
     segs = _segments(outs, len(header), offsets)
+    item = max((ALLOWED_DTYPES[t.dtype][0] for s in segs for t in s.terms), default=4)
     units = [(s, i, min(CHUNK_ELEMS, s.nel - i)) for s in segs for i in range(0, s.nel, CHUNK_ELEMS)]
     ok = False
     try:
         with open(out_path, "wb") as f:
             f.write(header)
             f.truncate(size)
+            if hasattr(os, "posix_fallocate"):
+                with contextlib.suppress(OSError):  # blocks allocated at once: cheaper writes
+                    os.posix_fallocate(f.fileno(), 0, size)
         counter, errors, stop = itertools.count(), [], threading.Event()
 
         def loop() -> None:
             try:
-                worker = _Worker(sources, out_path)
+                worker = _Worker(sources, out_path, item)
                 try:
                     while not stop.is_set():
                         k = next(counter)
@@ -478,8 +489,8 @@ def execute(outs: Sequence[Out], sources: Sequence[str], out_path: str, metadata
 def _check_config(rule: Rule, global_path: object, version: int | None, align: str | None) -> None:
     if not isinstance(rule, (FedAvg, FedBuff, FedAsync)):
         raise ConfigError(f"unknown aggregation rule {rule!r}")
-    if rule.weighting not in ("cases", "uniform"):
-        raise ConfigError(f"weighting must be 'cases' or 'uniform', got {rule.weighting!r}")
+    if _weighting(rule) not in ("cases", "uniform"):
+        raise ConfigError(f"weighting must be 'cases' or 'uniform', got {_weighting(rule)!r}")
     if align not in (None, "level", "name"):
         raise ConfigError(f"align must be None, 'level' or 'name', got {align!r}")
     if version is not None and (not isinstance(version, int) or version < 0):
@@ -534,8 +545,9 @@ def aggregate(updates: Sequence[Update], out_path: str | os.PathLike[str], *, ru
     the global's, else the most common layout). ``align`` "level"/"name": AsymFedAvg,
     output keys are groups (a union file, see :func:`extract_site`).
 
-    A bad update is rejected with its reason and the rest go on; a bad global or base
-    raises ValidationError, as does having no acceptable update.
+    A bad update (or one whose base global is unusable) is rejected with its reason
+    and the rest go on; a bad global raises ValidationError, as does having no
+    acceptable update (``exc.rejected`` lists the reasons).
     """
     _check_config(rule, global_path, version, align)
     out_path = os.fspath(out_path)
@@ -543,76 +555,75 @@ def aggregate(updates: Sequence[Update], out_path: str | os.PathLike[str], *, ru
     ordered = sorted(updates, key=lambda u: (u.site, -1 if u.base_version is None else u.base_version,
                                              os.fspath(u.path)))
     rejected: list[Rejection] = []
-    base_files: dict[int, WeightsInfo] = {}
-    candidates: list[_Accepted] = []
+    bases: dict[int, WeightsInfo] = {}
+    accepted: list[_Accepted] = []
     for u in ordered:
         u = Update(u.site, os.fspath(u.path), u.num_cases, u.base_version,
                    None if u.base_path is None else os.fspath(u.base_path), u.expected)
         try:
-            info = inspect_weights(u.path, expected=u.expected, max_header=max_header)
-            weight = _weight_of(u, info, rule.weighting)
-            tau, scale = _staleness(u, rule, version)
-            base = 0
-            if isinstance(rule, FedBuff) and tau > 0:
-                if u.base_path is None:
-                    raise ValidationError(f"{u.path}: base global version {u.base_version} is not available")
-                if u.base_version not in base_files:
-                    base_files[u.base_version] = inspect_weights(u.base_path, max_header=max_header)
-                    if align is None:
-                        check_shapes(u.base_path, base_files[u.base_version].shapes(), glob.shapes())
-                base = -u.base_version - 1  # placeholder until sources are numbered
-            groups = group_keys(info.shapes(), align) if align else {k: k for k in info.tensors}
-            candidates.append(_Accepted(u, info, groups, weight, tau, scale, base))
+            accepted.append(_admit(u, rule, version, align, glob, bases, max_header))
         except ValidationError as exc:
-            rejected.append(Rejection(u.site, u.path, str(exc)))
-    if align is None and candidates:
-        ref = _reference(candidates, expected, glob)
-        for c in list(candidates):
+            rejected.append(Rejection(u.site, str(u.path), str(exc)))
+    if align is None and accepted:
+        ref = _reference(accepted, expected, glob)
+        for a in list(accepted):
             try:
-                check_shapes(c.update.path, c.info.shapes(), ref)
+                check_shapes(a.update.path, a.info.shapes(), ref)  # type: ignore[arg-type]
             except SchemaError as exc:
-                rejected.append(Rejection(c.update.site, c.update.path, str(exc)))
-                candidates.remove(c)
-    versions = sorted({-c.base - 1 for c in candidates if c.base < 0})
-    base_src = {v: 1 + i for i, v in enumerate(versions)}
-    base_infos = {base_src[v]: base_files[v] for v in versions}
-    for c in candidates:
-        if c.base < 0:
-            c.base = base_src[-c.base - 1]
+                rejected.append(Rejection(a.update.site, a.info.path, str(exc)))
+                accepted.remove(a)
+    # sources: 0 the global, then the base globals by version, then the updates by site
+    versions = sorted({a.update.base_version for a in accepted if a.base})  # type: ignore[type-var]
+    base_infos = {1 + i: bases[v] for i, v in enumerate(versions)}
+    for a in accepted:
+        a.base = 1 + versions.index(a.update.base_version) if a.base else 0  # type: ignore[arg-type]
     first_src = 1 + len(versions)
-    accepted = candidates
     while True:
         if not accepted:
-            exc = ValidationError("no acceptable update to aggregate: " +
-                                  "; ".join(r.reason for r in rejected) if rejected else "no updates given")
+            reasons = "; ".join(r.reason for r in rejected) or "no updates given"
+            exc = ValidationError(f"no acceptable update to aggregate: {reasons}")
             exc.rejected = tuple(rejected)  # type: ignore[attr-defined]
             raise exc
         outs, conflicts = _plan(rule, glob, base_infos, accepted, first_src)
-        bad: set[int] = set()
-        reasons: dict[int, str] = {}
-        for r in conflicts:
-            i = next(i for i, a in enumerate(accepted) if a.update.path == r.path and a.update.site == r.site)
-            reasons.setdefault(i, r.reason)
-        if not reasons:
-            sources = [glob.path if glob else os.devnull] + [base_infos[s].path for s in sorted(base_infos)] + \
-                [a.update.path for a in accepted]
+        index = {(a.update.site, a.info.path): i for i, a in reversed(list(enumerate(accepted)))}
+        bad = {index[r.site, r.path]: r.reason for r in conflicts[::-1]}
+        if not bad:
             infos = [glob] + [base_infos[s] for s in sorted(base_infos)] + [a.info for a in accepted]
+            sources = [i.path if i else os.devnull for i in infos]
             try:
                 execute(outs, sources, out_path, metadata, threads)
                 break
             except SourceFailed as exc:
                 if exc.src < first_src:
-                    raise ValidationError(f"{sources[exc.src]}: {exc.error}") from exc.error
-                reasons[exc.src - first_src] = str(exc.error)
+                    raise ValidationError(str(exc.error)) from exc.error
+                bad[exc.src - first_src] = str(exc.error)
             except NonFinite as exc:
-                reasons.update(_nonfinite_culprits(exc.segment, infos, first_src))
-        for i in sorted(reasons):
-            rejected.append(Rejection(accepted[i].update.site, accepted[i].update.path, reasons[i]))
-        accepted = [a for i, a in enumerate(accepted) if i not in reasons]
+                bad.update(_nonfinite_culprits(exc.segment, infos, first_src))
+        for i in sorted(bad):
+            rejected.append(Rejection(accepted[i].update.site, accepted[i].info.path, bad[i]))
+        accepted = [a for i, a in enumerate(accepted) if i not in bad]
     return AggregateResult(
         out_path, type(rule).__name__,
-        tuple(Contribution(a.update.site, a.update.path, a.weight, a.tau, a.scale) for a in accepted),
+        tuple(Contribution(a.update.site, a.info.path, a.weight, a.tau, a.scale) for a in accepted),
         tuple(rejected), len(outs), sum(math.prod(o.shape) for o in outs), _sharing(accepted))
+
+
+def _admit(u: Update, rule: Rule, version: int | None, align: str | None, glob: WeightsInfo | None,
+           bases: dict[int, WeightsInfo], max_header: int) -> _Accepted:
+    """Header-level checks of one update (and its base); raises ValidationError with the reason."""
+    info = inspect_weights(u.path, expected=u.expected, max_header=max_header)
+    weight = _weight_of(u, info, _weighting(rule))
+    tau, scale = _staleness(u, rule, version)
+    needs_base = isinstance(rule, FedBuff) and tau > 0
+    if needs_base and u.base_version not in bases:
+        if u.base_path is None:
+            raise ValidationError(f"{u.path}: base global version {u.base_version} is not available")
+        base = inspect_weights(u.base_path, max_header=max_header)
+        if align is None:
+            check_shapes(base.path, base.shapes(), glob.shapes())  # type: ignore[union-attr]
+        bases[u.base_version] = base  # type: ignore[index]
+    groups = group_keys(info.shapes(), align) if align else {k: k for k in info.tensors}
+    return _Accepted(u, info, groups, weight, tau, scale, int(needs_base))
 
 
 def _nonfinite_culprits(seg: _Segment, infos: Sequence[WeightsInfo | None], first_src: int) -> dict[int, str]:

@@ -100,6 +100,8 @@ class Aggregator:
         self._plans: dict[str, PlansDocument] = {}
         self._rejected: dict[str, str] = self._load_rejections()
         self._rejected_bases: dict[str, tuple[str, int]] = {}
+        self._verified: dict[str, tuple[str, str]] = {}
+        self._cases: dict[str, int | None] = {}  # update key -> (manifest sha256, verified local file)
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -298,7 +300,12 @@ class Aggregator:
                     r += 1
                     continue
                 try:
-                    path = self._verify_update(site, signed.doc)
+                    cached = self._verified.get(key)
+                    if cached is not None and cached[0] == signed.raw_sha256:
+                        path = cached[1]  # verified on an earlier poll: the same bytes, not re-read
+                    else:
+                        path = self._verify_update(site, signed.doc)
+                        self._verified[key] = (signed.raw_sha256, path)
                     pending.append(Pending(site, r, signed.doc.base_version, key))
                     local[key] = (signed.doc, path)
                 except ValidationError as exc:
@@ -307,6 +314,22 @@ class Aggregator:
                 r += 1
             cursor[site] = r
         return pending, cursor, local
+
+    def _declared_cases(self, site: str) -> int | None:
+        """The case count a site committed to before training (FFE census, or its plans document);
+        an update's weight must match it, so a site cannot inflate its influence later."""
+        if site not in self._cases:
+            n = None
+            if self.config.mode == "ffe":
+                try:
+                    n = self.bucket.read(layout.CENSUS, Census).doc.sites.get(site)
+                except NotFound:
+                    n = None
+            else:
+                v = self._plans_of(site).summary.get("num_cases")
+                n = v if isinstance(v, int) and not isinstance(v, bool) else None
+            self._cases[site] = n
+        return self._cases[site]
 
     def _base_of(self, key: str) -> int:
         """The base version a rejected update names (-1 if its manifest itself was refused)."""
@@ -325,8 +348,14 @@ class Aggregator:
             raise ValidationError(f"payload of {upd.blob.size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
         if not upd.blob.key.startswith(layout.site_prefix(site)):
             raise ValidationError(f"payload {upd.blob.key} lies outside site {site}'s folder")
+        declared = self._declared_cases(site)
+        if declared is not None and upd.num_cases != declared:
+            raise ValidationError(f"update claims {upd.num_cases} training cases; site {site} declared {declared}")
         path = self._fetch(upd.blob)
-        validate_update(path, expected=self._site_shapes(site))
+        try:
+            validate_update(path, expected=self._site_shapes(site))
+        except ValidationError as exc:  # name the bucket file, not this machine's cache path
+            raise type(exc)(str(exc).replace(path, self.fed.store.describe(upd.blob.key))) from None
         limit = self.config.update_norm_limit
         if limit > 0:
             try:
@@ -389,14 +418,14 @@ class Aggregator:
         if c.mode != "asym":
             res = agg.aggregate(updates, out_dir / "global.safetensors", rule=rule, global_path=glob, version=version,
                                 metadata=meta)
-            blob = self.bucket.put_blob_file(layout.aggregator_blob, res.path)
+            blob = self._put_own(res.path)
             site_blobs: dict[str, BlobRef] = {}
             sharing = {}
         else:
             align = "level" if c.align == "resolution" else "name"
             res = agg.aggregate(updates, out_dir / "union.safetensors", rule=rule, global_path=glob if not isinstance(rule, agg.FedAvg) else None,
                                 version=version, align=align, metadata=meta)
-            blob = self.bucket.put_blob_file(layout.aggregator_blob, res.path)
+            blob = self._put_own(res.path)
             own = {x.site: x.path for x in res.contributions}
             site_blobs = {}
             for site in c.site_names:
@@ -404,7 +433,7 @@ class Aggregator:
                 out = out_dir / f"{site}.safetensors"
                 agg.extract_site(res.path, self._site_shapes(site), out, align=align, fallback_path=fallback,
                                  metadata={**meta, "site": site})
-                site_blobs[site] = self.bucket.put_blob_file(layout.aggregator_blob, str(out))
+                site_blobs[site] = self._put_own(str(out))
             sharing = {s: vars(v) for s, v in res.sharing.items()}
         for r in res.rejected:
             key = next((k for k, path in src.items() if path == r.path), r.path)
@@ -430,12 +459,28 @@ class Aggregator:
         self._commit(doc)
         return doc
 
+    def _put_own(self, path: str) -> BlobRef:
+        """Upload an output and keep it in the cache, so the next round does not download it back."""
+        ref = self.bucket.put_blob_file(layout.aggregator_blob, path)
+        cached = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
+        if not cached.exists():
+            tmp = cached.with_name(cached.name + ".incomplete")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, cached)
+        return ref
+
     def _commit(self, doc: GlobalManifest) -> None:
         """Publish the manifest exclusively, then the hint and the status (both only hints)."""
         faults.point("aggregator.before_manifest")
         try:
             self.bucket.publish(layout.global_version(doc.version), doc, self.identity)
         except Conflict:
+            key = layout.global_version(doc.version)
+            try:  # a concurrent run of this aggregator is fine; anything else occupying the key is not
+                self.bucket.read(key, GlobalManifest)
+            except ValidationError as exc:
+                raise ValidationError(f"{self.fed.store.describe(key)} is occupied by a file that does not verify "
+                                      f"({exc}); remove it (see docs/security.md) and run the aggregator again") from None
             log.warning("v%d was already published by another aggregator run; keeping that one", doc.version)
         self._manifests.pop(doc.version, None)
         faults.point("aggregator.after_manifest")
@@ -444,16 +489,19 @@ class Aggregator:
 
     # ---- quarantine -------------------------------------------------------------------
     def _load_rejections(self) -> dict[str, str]:
+        self._rejected_at: dict[str, str] = {}
         try:
             st = self.bucket.read(layout.AGG_STATUS, StatusDocument).doc
-            return {r.key: r.reason for r in st.rejected}
         except (NotFound, FedfsError):
             return {}
+        self._rejected_at = {r.key: r.at for r in st.rejected}
+        return {r.key: r.reason for r in st.rejected}
 
     def _reject(self, key: str, reason: str) -> None:
         if self._rejected.get(key) != reason:
             log.warning("rejected %s: %s", key, reason)
             self._rejected[key] = reason
+            self._rejected_at[key] = utcnow()
             self._status_dirty = True
 
     def _note_problem(self, what: str, message: str) -> None:
@@ -463,8 +511,9 @@ class Aggregator:
     def _flush_status(self) -> None:
         if not getattr(self, "_status_dirty", False):
             return
-        now = utcnow()
+        # newest last; a flood of rejections evicts the oldest records, not other sites' recent ones
+        entries = sorted(self._rejected.items(), key=lambda kv: (self._rejected_at.get(kv[0], ""), kv[0]))
         doc = StatusDocument(party=self.identity.name,
-                             rejected=[Rejection(key=k, reason=r, at=now) for k, r in sorted(self._rejected.items())][-500:])
+                             rejected=[Rejection(key=k, reason=r, at=self._rejected_at.get(k, "")) for k, r in entries][-500:])
         self.bucket.write_mutable(layout.AGG_STATUS, doc, self.identity)
         self._status_dirty = False

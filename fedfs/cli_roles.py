@@ -219,7 +219,7 @@ def _repeat(s, stop_at: set[str], phases: set[str]) -> None:
 @common
 @nnunet_options
 def site_step(**kw: Any) -> None:
-    """Do whatever is due now (one action) and exit 0; for cron.
+    """Do whatever is due now and exit 0; for cron.
 
     A step resumes nnU-Net from its own checkpoint, so cron may call it every
     few minutes; a step that finds nothing due exits at once.
@@ -230,13 +230,14 @@ def site_step(**kw: Any) -> None:
     """
     _setup_logging(kw["quiet"])
     s = make_site(**kw)
-    while True:
-        r = s.step()
-        click.echo(str(r))
-        # set-up actions are quick: keep going until something long ran or nothing is due
-        if r.action not in ("census", "fingerprint"):
-            break
-    s.work.close()
+    try:
+        while True:  # everything that is due now: e.g. plan, then train the round v0 allows
+            r = s.step()
+            click.echo(str(r))
+            if r.action in ("wait", "done", "finished"):
+                break
+    finally:
+        s.work.close()
 
 
 @site.command("run", context_settings=CONTEXT)

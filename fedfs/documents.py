@@ -167,7 +167,10 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
         _, vt = get_args(tp)
         return {k: _coerce(vt, v, where, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _load_dataclass(tp, value, where, path)
+        obj = _load_dataclass(tp, value, where, path)
+        if isinstance(obj, Document):
+            obj.validate(f"{where} ({path})")
+        return obj
     if tp is bool:
         if not isinstance(value, bool):
             raise SchemaError(f"{where}: {path} must be true or false, got {value!r}")

@@ -49,8 +49,11 @@ class AggregateDecision:
 def screen(config: FederationConfig, version: int, pending: list[Pending]) -> tuple[list[Pending], list[tuple[Pending, str]]]:
     """Split pending updates into usable ones and rejections (late, stale, from the future)."""
     ok, bad = [], []
+    seen: set[tuple[str, int]] = set()
     for p in sorted(pending, key=lambda p: (p.site, p.round)):
-        if p.base_version > version:
+        if (p.site, p.base_version) in seen:
+            bad.append((p, f"a second update trained from v{p.base_version}: a site sends one per global"))
+        elif p.base_version > version:
             bad.append((p, f"names base version v{p.base_version}, newer than the current v{version}"))
         elif config.aggregation == "sync" and p.base_version < version:
             bad.append((p, f"late for the synchronous round: trained from v{p.base_version}, current is v{version}"))
@@ -61,6 +64,7 @@ def screen(config: FederationConfig, version: int, pending: list[Pending]) -> tu
             bad.append((p, f"update r{p.round} is beyond the federation's {config.rounds} rounds"))
         else:
             ok.append(p)
+            seen.add((p.site, p.base_version))
     return ok, bad
 
 

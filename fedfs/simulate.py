@@ -98,7 +98,9 @@ def simulate(
     say(f"federation {'created' if created else 'resumed'} at {url}: {spec.mode}, {spec.aggregation}, "
         f"{len(sites)} sites, {spec.rounds} rounds")
     proc_env = {**os.environ, **(env or {})}
-    proc_env.setdefault("FEDFS_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
+    threads = str(max(1, (os.cpu_count() or 1) // len(sites)))
+    proc_env.setdefault("FEDFS_TORCH_THREADS", threads)  # parties share the cores: don't oversubscribe
+    proc_env.setdefault("OMP_NUM_THREADS", threads)
     if storage_options:
         proc_env["FEDFS_STORAGE_OPTIONS"] = json.dumps(storage_options)
     base = [sys.executable, "-m", "fedfs"]

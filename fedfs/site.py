@@ -36,9 +36,12 @@ from .schema import (
     Heartbeat,
     LatestHint,
     PlansDocument,
+    Rejection,
     SiteCensus,
+    StatusDocument,
     UpdateManifest,
 )
+from .signing import utcnow
 
 log = logging.getLogger("fedfs.site")
 
@@ -132,6 +135,8 @@ class Site:
         self.state_path = self.dir / "state.json"
         self.state = SiteState.load(self.state_path)
         self._started = False
+        self._rejected: dict[str, str] = {}
+        self._rejected_at: dict[str, str] = {}
 
     @property
     def total_epochs(self) -> int:
@@ -165,7 +170,37 @@ class Site:
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> SiteStep:
-        """Do whatever is due now (at most one long action) and return what was done."""
+        """Do whatever is due now (at most one long action) and return what was done.
+
+        A file from the bucket that fails verification (a forged or corrupt global, say) is
+        never used: it is recorded with the reason in this site's signed status document
+        (``sites/<S>/status.json``) and the step reports "blocked"; the site keeps polling.
+        """
+        try:
+            return self._step()
+        except ValidationError as exc:
+            self._quarantine(str(exc))
+            self.heartbeat("blocked", str(exc)[:300])
+            return SiteStep("blocked", str(exc))
+
+    def _quarantine(self, reason: str) -> None:
+        prefix = self.fed.store.url.rstrip("/") + "/"
+        key = reason.split(": ", 1)[0][len(prefix):] if reason.startswith(prefix) else "-"
+        if self._rejected.get(key) == reason:
+            return
+        log.warning("rejected %s: %s", key, reason)
+        self._rejected[key] = reason
+        now = utcnow()
+        self._rejected_at.setdefault(key, now)
+        entries = sorted(self._rejected.items(), key=lambda kv: self._rejected_at.get(kv[0], ""))[-200:]
+        doc = StatusDocument(party=self.name, rejected=[Rejection(key=k, reason=r, at=self._rejected_at[k])
+                                                        for k, r in entries])
+        try:
+            self.bucket.write_mutable(layout.site_status(self.name), doc, self.identity)
+        except Exception as exc:  # noqa: BLE001 - the record is best effort; the refusal itself stands
+            log.warning("status not written: %s", exc)
+
+    def _step(self) -> SiteStep:
         if self.state.finished:
             return SiteStep("done", f"finished with global v{self.state.final_version}")
         if not self.state.planned:

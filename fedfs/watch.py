@@ -137,7 +137,7 @@ def run_loop(step: Callable[[], Any], trigger: Trigger, *, stop: threading.Event
         action = getattr(result, "action", "wait")
         if action in done:
             return result
-        if action != "wait":
+        if action not in ("wait", "blocked"):
             idle_since = time.monotonic()
             continue
         if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:

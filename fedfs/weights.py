@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -66,8 +66,7 @@ _PREADV = hasattr(os, "preadv")
 Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor's entry in a validated header; start/end are absolute file offsets."""
 
     dtype: str
@@ -177,13 +176,16 @@ def save_weights(path: str | os.PathLike[str], tensors: torch.nn.Module | Mappin
             os.unlink(tmp)
 
 
-def safetensors_header(entries: Sequence[tuple[str, str, Shape]], metadata: Mapping[str, str] | None) -> tuple[bytes, list[int]]:
+def safetensors_header(entries: Sequence[tuple[str, str, Shape]],
+                       metadata: Mapping[str, str] | None) -> tuple[bytes, list[int]]:
     """Header bytes (length prefix included, padded to 8) for tensors stored in ``entries`` order.
 
     Returns the header and each entry's data offset relative to the data start.
     Deterministic: the same entries and metadata give the same bytes.
     """
     header: dict[str, Any] = {}
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValidationError(f"metadata must map str to str, got {dict(metadata)!r}")
     if metadata:
         header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     offsets, pos = [], 0
@@ -205,12 +207,20 @@ def _sniff(path: str, head: bytes) -> None:
         raise SchemaError(f"{path}: is a Python pickle, not safetensors; fedfs never unpickles")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise SchemaError(f"duplicate key {k!r}")
-        out[k] = v
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as parsed: its (key, value) pairs, duplicates kept so that they can be refused."""
+
+    __slots__ = ()
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if type(value) is not _Pairs:
+        raise SchemaError(f"{what} is not a JSON object")
+    out = dict(value)
+    if len(out) != len(value):
+        seen: set[str] = set()
+        dup = next(k for k, _ in value if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise SchemaError(f"duplicate key {dup!r} in {what}")
     return out
 
 
@@ -218,22 +228,27 @@ def _reject_constant(name: str) -> Any:
     raise SchemaError(f"non-standard JSON constant {name}")
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+_INT = {int}  # compared with type(), not isinstance(): True and False are ints to isinstance
 
 
-def _parse_entry(path: str, key: Any, entry: Any, data_start: int) -> TensorInfo:
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN or not key.isprintable():
-        raise SchemaError(f"{path}: tensor name {str(key)[:40]!r} is empty, too long or not printable")
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+def _parse_entry(path: str, key: str, value: Any, data_start: int) -> TensorInfo:
+    if not key or len(key) > MAX_KEY_LEN or not key.isprintable():
+        raise SchemaError(f"{path}: tensor name {key[:40]!r} is empty, too long or not printable")
+    try:
+        entry = _object(value, f"tensor {key!r}")
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: {exc}") from None
+    if entry.keys() != _ENTRY_FIELDS:
         raise SchemaError(f"{path}: tensor {key!r} entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in ALLOWED_DTYPES:
+    if type(dtype) is not str or dtype not in ALLOWED_DTYPES:
         raise SchemaError(f"{path}: tensor {key!r} has dtype {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_int(d) for d in shape):
+    if type(shape) is not list or len(shape) > MAX_RANK or not set(map(type, shape)) <= _INT or \
+            (shape and min(shape) < 0):
         raise SchemaError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if type(offsets) is not list or len(offsets) != 2 or not set(map(type, offsets)) <= _INT or \
+            not 0 <= offsets[0] <= offsets[1]:
         raise SchemaError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
     nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype][0]
     if offsets[1] - offsets[0] != nbytes:
@@ -244,6 +259,8 @@ def _parse_entry(path: str, key: Any, entry: Any, data_start: int) -> TensorInfo
 
 def check_shapes(path: str, shapes: Mapping[str, Shape], expected: Mapping[str, Sequence[int]]) -> None:
     """Raise SchemaError naming the first missing, extra or wrongly shaped tensor."""
+    if shapes == expected:
+        return
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))
     if missing:
@@ -285,11 +302,11 @@ def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequ
         text = raw.decode("utf-8")
         if not text.startswith("{"):
             raise SchemaError("header is not a JSON object")
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        header = _object(json.loads(text, object_pairs_hook=_Pairs, parse_constant=_reject_constant), "header")
+        meta = _object(header.pop("__metadata__", _Pairs()), "__metadata__")
     except (UnicodeDecodeError, json.JSONDecodeError, SchemaError, RecursionError) as exc:
         raise SchemaError(f"{path}: malformed safetensors header: {exc}") from exc
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    if not all(type(v) is str for v in meta.values()):
         raise SchemaError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + n
     tensors = {k: _parse_entry(path, k, v, data_start) for k, v in header.items()}

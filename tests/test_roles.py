@@ -175,3 +175,20 @@ def test_update_norm_plausibility_check(tmp_path, keys):
     drive(aggregator, sites)  # the federation goes on without the rejected update
     v1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
     assert [c.site for c in v1.contributions] == ["A", "B"]
+
+
+def test_site_quarantines_a_forged_global(tmp_path, keys):
+    from fedfs.schema import StatusDocument
+    from fedfs.signing import load_identity
+
+    fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2)
+    setup(fed, aggregator, sites)
+    # a site key signs a "global" v1 in the aggregator's folder (a hostile member)
+    v0 = fed.bucket.read(layout.global_version(0), GlobalManifest)
+    forged = load_identity(keys / "A.key").sign(GlobalManifest(version=1, blob=v0.doc.blob).to_dict())
+    fed.store.publish(layout.global_version(1), __import__("json").dumps(forged).encode())
+    r = sites["B"].step()
+    assert r.action == "blocked" and "only the aggregator may write here" in r.detail
+    st = fed.bucket.read(layout.site_status("B"), StatusDocument).doc
+    assert st.rejected[0].key == layout.global_version(1) and "aggregator" in st.rejected[0].reason
+    assert sites["B"].state.updates_sent == 0  # it trained nothing past the forged global

@@ -14,9 +14,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from typing import BinaryIO
 
+from ..errors import InvalidName
 from .base import CHUNK, Store, too_large
 
 _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
@@ -38,6 +40,7 @@ class LocalStore(Store):
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         self.local_path = self.root
+        self.real_root = os.path.realpath(self.root)
         self.publish_mechanism = "link"
 
     def _path(self, key: str) -> str:
@@ -59,8 +62,26 @@ class LocalStore(Store):
         finally:
             os.close(fd)
 
+    def _open_regular(self, key: str) -> int:
+        """Open ``key`` for reading only if it is a regular file inside the bucket: a symbolic
+        link (to /etc/passwd, say) or a FIFO planted in a shared folder is refused, not followed."""
+        path = self._path(key)
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent != self.real_root and not parent.startswith(self.real_root + os.sep):
+            raise InvalidName(f"{self.describe(key)}: lies outside the bucket through a symbolic link")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidName(f"{self.describe(key)}: is a symbolic link; refusing to follow it") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidName(f"{self.describe(key)}: is not a regular file")
+        return fd
+
     def _read(self, key: str, max_size: int | None) -> bytes:
-        with open(self._path(key), "rb") as fh:
+        with os.fdopen(self._open_regular(key), "rb") as fh:
             if max_size is not None:
                 data = fh.read(max_size + 1)
                 if len(data) > max_size:
@@ -97,7 +118,10 @@ class LocalStore(Store):
                 pass
 
     def _exists(self, key: str) -> bool:
-        return os.path.isfile(self._path(key))
+        try:
+            return stat.S_ISREG(os.lstat(self._path(key)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _list(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
@@ -108,13 +132,16 @@ class LocalStore(Store):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             for name in filenames:
-                if _is_temp(name):
+                if _is_temp(name) or os.path.islink(os.path.join(dirpath, name)):
                     continue
                 out.append(name if rel == "." else f"{rel}/{name}")
         return out
 
     def _size(self, key: str) -> int:
-        return os.stat(self._path(key)).st_size
+        st = os.lstat(self._path(key))
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidName(f"{self.describe(key)}: is not a regular file")
+        return st.st_size
 
     def _delete(self, key: str) -> None:
         os.unlink(self._path(key))
@@ -132,5 +159,5 @@ class LocalStore(Store):
                 os.unlink(tmp)
 
     def _download(self, key: str, fh: BinaryIO) -> None:
-        with open(self._path(key), "rb") as src:
+        with os.fdopen(self._open_regular(key), "rb") as src:
             shutil.copyfileobj(src, fh, CHUNK)

@@ -57,8 +57,16 @@ class S3Store(Store):
     def _publish(self, key: str, data: bytes) -> None:
         self.fs.pipe_file(self._p(key), data, mode="create")
 
+    def _head(self, key: str) -> dict | None:
+        """One HeadObject (s3fs's exists/info add a LIST on a miss to look for a folder)."""
+        bucket, path, _ = self.fs.split_path(self._p(key))
+        try:
+            return self.fs.call_s3("head_object", Bucket=bucket, Key=path)
+        except FileNotFoundError:
+            return None
+
     def _exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._p(key)))
+        return self._head(key) is not None
 
     def _list(self, prefix: str) -> list[str]:
         root = self.prefix + "/"
@@ -68,7 +76,10 @@ class S3Store(Store):
         return [p[len(root):] for p in found if p.startswith(root)]
 
     def _size(self, key: str) -> int:
-        return int(self.fs.info(self._p(key))["size"])
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(self._p(key))
+        return int(head["ContentLength"])
 
     def _delete(self, key: str) -> None:
         self.fs.rm_file(self._p(key))
