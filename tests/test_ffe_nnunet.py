@@ -19,8 +19,8 @@ from fedfs import fingerprint as fp
 from fedfs import nnunet_adapter as nn
 from fedfs.errors import NnunetError
 
-pytest.importorskip("nnunetv2")
-sitk = pytest.importorskip("SimpleITK")
+import nnunetv2  # noqa: E402,F401 - a missing nnU-Net fails here, it is not skipped
+import SimpleITK as sitk  # noqa: E402
 
 SITES = {"A": (611, 5, (0.8, 0.8), (60, 15)), "B": (612, 4, (1.2, 1.1), (150, 40)),
          "C": (613, 3, (0.5, 0.7), (20, 60))}

@@ -15,9 +15,9 @@ import warnings
 
 import pytest
 
-pytest.importorskip("nnunetv2")
-pytest.importorskip("SimpleITK")
-torch = pytest.importorskip("torch")
+import nnunetv2  # noqa: F401 - a missing nnU-Net fails here, it is not skipped
+import SimpleITK  # noqa: F401
+import torch
 
 from fedfs import synthetic as syn  # noqa: E402
 from fedfs.errors import NnunetError  # noqa: E402

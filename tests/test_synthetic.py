@@ -9,7 +9,7 @@ import pytest
 
 from fedfs import synthetic as syn
 
-sitk = pytest.importorskip("SimpleITK")
+import SimpleITK as sitk
 
 
 def _read(path) -> tuple[np.ndarray, tuple[float, ...]]:
