@@ -1,6 +1,7 @@
 # fedfs: two commands from a fresh clone.
 #   make demo   creates .venv, installs fedfs, runs the demo federation on a local folder
-#   make test   creates .venv, installs fedfs + test tools (+ Samba via apt), runs the suite
+#   make test   creates .venv, installs fedfs + test tools (+ Samba, Chromium via apt), runs the suite
+#   make bench  runs every benchmark's quick form and rewrites docs/benchmarks.md
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every benchmark in its quick form: JSON under benchmarks/results/, tables in docs/benchmarks.md.
+bench: $(STAMP) system-deps
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
