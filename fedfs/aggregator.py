@@ -105,18 +105,8 @@ class Aggregator:
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
-        """Newest published global: the hint, then probes forward (constant cost when current)."""
-        hint = None
-        try:
-            hint = self.bucket.read(layout.LATEST, LatestHint).doc.version
-        except NotFound:
-            pass
-        except ValidationError as exc:
-            log.warning("ignoring a bad latest hint: %s", exc)
-        v = hint if hint is not None else -1
-        while self.fed.store.exists(layout.global_version(v + 1)):
-            v += 1
-        return None if v < 0 else v
+        """Newest published global (constant cost when the hint is current)."""
+        return self.bucket.latest_version()
 
     def manifest(self, version: int):
         if version not in self._manifests:
@@ -131,15 +121,11 @@ class Aggregator:
             return self._setup_step()
         return self._round_step(latest)
 
-    def run(self, *, watch: str = "auto", poll_interval: float = 5.0, stop=None, on_result=None) -> StepResult:
-        """Step until the final global is out, waking on new files (or polls)."""
-        from .watch import make_trigger, run_loop
+    def run(self, **kw: Any) -> StepResult:
+        """Step until the final global is out, waking on new files (see :func:`fedfs.watch.run_role`)."""
+        from .watch import run_role
 
-        trigger = make_trigger(self.fed.store, watch=watch, poll_interval=poll_interval)
-        try:
-            return run_loop(self.step, trigger, stop=stop, on_result=on_result)
-        finally:
-            trigger.close()
+        return run_role(self.step, self.fed.store, **kw)
 
     # ---- set-up: census, fingerprint, plans check, v0 ------------------------------
     def _setup_step(self) -> StepResult:

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
-from .errors import ConfigError, NotFound
+from .errors import ConfigError
 from .federation import Federation
-from .schema import GlobalManifest, LatestHint, PlansDocument, UpdateManifest
+from .schema import GlobalManifest, PlansDocument, UpdateManifest
 
 
 def _architecture(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -81,14 +81,8 @@ class SiteClient:
 
     def latest(self) -> GlobalManifest | None:
         """The newest global manifest (verified), or None before v0."""
-        v = -1
-        try:
-            v = self.fed.bucket.read(layout.LATEST, LatestHint).doc.version
-        except NotFound:
-            pass
-        while self.fed.store.exists(layout.global_version(v + 1)):
-            v += 1
-        return None if v < 0 else self.fed.bucket.read(layout.global_version(v), GlobalManifest).doc
+        v = self.fed.bucket.latest_version()
+        return None if v is None else self.fed.bucket.read(layout.global_version(v), GlobalManifest).doc
 
     @property
     def finished(self) -> bool:

@@ -17,6 +17,7 @@ body (a deterministic step re-run after a crash) is success; anything else is a
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from .signing import Identity, parse_envelope, parse_public_key, verify_envelope
 from .store import Store, sha256_file
 
 D = TypeVar("D", bound=Document)
+log = logging.getLogger("fedfs.bucket")
 
 #: How often a publish is retried when the backend leaves the outcome unknown.
 PUBLISH_ATTEMPTS = 3
@@ -124,6 +126,22 @@ class Bucket:
         version = layout.parse_version_key(key)
         if version is not None and getattr(doc, "version", None) != version:
             raise SchemaError(f"{where}: global says version {getattr(doc, 'version', None)} but lies at v{version}")
+
+    def latest_version(self) -> int | None:
+        """The newest published global version: the ``latest`` hint, then probes forward (the hint
+        may lag a crash); one read and one probe when it is current. None before v0."""
+        from .schema import LatestHint
+
+        v = -1
+        try:
+            v = self.read(layout.LATEST, LatestHint).doc.version
+        except NotFound:
+            pass
+        except (SchemaError, SignatureError) as exc:  # a bad hint is only a hint: fall back to probing
+            log.warning("ignoring %s: %s", layout.LATEST, exc)
+        while self.store.exists(layout.global_version(v + 1)):
+            v += 1
+        return None if v < 0 else v
 
     # ---- writing --------------------------------------------------------------
     def publish(self, key: str, doc: Document, identity: Identity) -> Signed[Any]:

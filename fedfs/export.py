@@ -15,13 +15,13 @@ from pathlib import Path
 from . import layout
 from .errors import ConfigError, NotFound
 from .federation import Federation
-from .schema import GlobalManifest, LatestHint
+from .schema import GlobalManifest
 
 
 def final_manifest(fed: Federation, *, require_final: bool = True):
-    v = fed.bucket.read(layout.LATEST, LatestHint).doc.version
-    while fed.store.exists(layout.global_version(v + 1)):
-        v += 1
+    v = fed.bucket.latest_version()
+    if v is None:
+        raise NotFound("no global model yet")
     m = fed.bucket.read(layout.global_version(v), GlobalManifest)
     if require_final and not (m.doc.final or v >= fed.config.rounds):
         raise ConfigError(f"the federation is at v{v} of {fed.config.rounds}: not finished "

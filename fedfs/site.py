@@ -34,7 +34,6 @@ from .schema import (
     GlobalFingerprint,
     GlobalManifest,
     Heartbeat,
-    LatestHint,
     PlansDocument,
     Rejection,
     SiteCensus,
@@ -158,15 +157,11 @@ class Site:
         except Exception as exc:  # noqa: BLE001 - a heartbeat is a hint, never a reason to fail a step
             log.warning("heartbeat not written: %s", exc)
 
-    def run(self, *, watch: str = "auto", poll_interval: float = 5.0, stop=None, on_result=None) -> SiteStep:
-        """Step until this site has finished, waking on new files (or polls)."""
-        from .watch import make_trigger, run_loop
+    def run(self, **kw: Any) -> SiteStep:
+        """Step until this site has finished, waking on new files (see :func:`fedfs.watch.run_role`)."""
+        from .watch import run_role
 
-        trigger = make_trigger(self.fed.store, watch=watch, poll_interval=poll_interval)
-        try:
-            return run_loop(self.step, trigger, stop=stop, on_result=on_result)
-        finally:
-            trigger.close()
+        return run_role(self.step, self.fed.store, **kw)
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> SiteStep:
@@ -220,16 +215,8 @@ class Site:
         return SiteStep("wait", d.reason)
 
     def _latest(self):
-        v = -1
-        try:
-            v = self.bucket.read(layout.LATEST, LatestHint).doc.version
-        except NotFound:
-            pass
-        except ValidationError as exc:
-            log.warning("ignoring a bad latest hint: %s", exc)
-        while self.fed.store.exists(layout.global_version(v + 1)):
-            v += 1
-        if v < 0:
+        v = self.bucket.latest_version()
+        if v is None:
             return None, None
         if getattr(self, "_manifest", None) is None or self._manifest.doc.version != v:
             self._manifest = self.bucket.read(layout.global_version(v), GlobalManifest)

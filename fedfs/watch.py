@@ -112,6 +112,16 @@ def make_trigger(store: Store, *, watch: str = "auto", poll_interval: float = 5.
         return Trigger(poll_interval)
 
 
+def run_role(step: Callable[[], Any], store: Store, *, watch: str = "auto", poll_interval: float = 5.0,
+             stop: threading.Event | None = None, on_result: Callable[[Any], None] | None = None) -> Any:
+    """A role's daemon: :func:`run_loop` on the trigger :func:`make_trigger` picks for ``store``."""
+    trigger = make_trigger(store, watch=watch, poll_interval=poll_interval)
+    try:
+        return run_loop(step, trigger, stop=stop, on_result=on_result)
+    finally:
+        trigger.close()
+
+
 def run_loop(step: Callable[[], Any], trigger: Trigger, *, stop: threading.Event | None = None,
              on_result: Callable[[Any], None] | None = None, done: tuple[str, ...] = ("done", "finished"),
              max_idle_s: float | None = None) -> Any:

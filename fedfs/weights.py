@@ -257,6 +257,32 @@ def _parse_entry(path: str, key: str, value: Any, data_start: int) -> TensorInfo
     return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def _parse_entries(path: str, header: dict[str, Any], data_start: int) -> dict[str, TensorInfo]:
+    """:func:`_parse_entry` for every tensor, inlined for the common well-formed case (a
+    header of a few hundred tensors is parsed per update per round); any doubt goes
+    to :func:`_parse_entry`, which raises the precise reason."""
+    out, dtypes, max_key = {}, ALLOWED_DTYPES, MAX_KEY_LEN
+    for key, value in header.items():
+        try:
+            (k0, dtype), (k1, shape), (k2, offsets) = value
+            item = dtypes[dtype][0]
+            begin, end = offsets
+            nel = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise ValueError
+                nel *= d
+            ok = (type(value) is _Pairs and k0 == "dtype" and k1 == "shape" and k2 == "data_offsets"
+                  and type(shape) is list and len(shape) <= MAX_RANK and type(offsets) is list
+                  and type(begin) is int and type(end) is int and 0 <= begin and end - begin == nel * item
+                  and 0 < len(key) <= max_key and key.isprintable())
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        out[key] = TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end) if ok else \
+            _parse_entry(path, key, value, data_start)
+    return out
+
+
 def check_shapes(path: str, shapes: Mapping[str, Shape], expected: Mapping[str, Sequence[int]]) -> None:
     """Raise SchemaError naming the first missing, extra or wrongly shaped tensor."""
     if shapes == expected:
@@ -309,13 +335,13 @@ def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequ
     if not all(type(v) is str for v in meta.values()):
         raise SchemaError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + n
-    tensors = {k: _parse_entry(path, k, v, data_start) for k, v in header.items()}
+    tensors = _parse_entries(path, header, data_start)
     pos = data_start
-    for key, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-        if t.start != pos:
-            raise IntegrityError(f"{path}: tensor {key!r} starts at byte {t.start}, expected {pos} "
+    for start, end, key in sorted((t.start, t.end, k) for k, t in tensors.items()):
+        if start != pos:
+            raise IntegrityError(f"{path}: tensor {key!r} starts at byte {start}, expected {pos} "
                                  "(overlapping or gapped data)")
-        pos = t.end
+        pos = end
     if pos != size:
         what = "truncated" if pos > size else "has trailing bytes"
         raise IntegrityError(f"{path}: {what}: tensors need {pos} bytes, the file has {size}")

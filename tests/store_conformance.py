@@ -19,7 +19,7 @@ from fedfs.bucket import Bucket
 from fedfs.errors import ConfigError, Conflict, IntegrityError, InvalidName, NotFound, SignatureError, TooLarge
 from fedfs.federation import Federation, config_from_key_dir
 from fedfs.schema import SiteCensus
-from fedfs.signing import load_identity
+
 from fedfs.store import open_store
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 FEDFS = str(Path(sys.executable).with_name("fedfs"))
 
