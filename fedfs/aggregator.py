@@ -451,7 +451,11 @@ class Aggregator:
         cached = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
         if not cached.exists():
             tmp = cached.with_name(cached.name + ".incomplete")
-            shutil.copyfile(path, tmp)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)  # the output is never modified: a hard link is a free copy
+            except OSError:
+                shutil.copyfile(path, tmp)
             os.replace(tmp, cached)
         return ref
 
