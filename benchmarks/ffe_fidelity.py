@@ -9,9 +9,9 @@ pooled data:
 * fedfs FFE: census -> merge -> summaries -> merge -> install -> plan on each site;
 * the reference merge (FednnU-Net: case-count-weighted averages of local fingerprints).
 
-Documents travel through ``Transport`` (publish/read of JSON under a key); the
-default keeps them in memory after a JSON round trip. Swap ``make_transport`` for a
-real bucket without touching the protocol code.
+Documents travel through a real folder bucket (``BucketTransport``): each is a
+signed fedfs document published exclusively by its owner and verified by its
+reader, exactly as in a federation.
 
 ``python benchmarks/ffe_fidelity.py --json`` prints one JSON object on stdout;
 everything else (nnU-Net's chatter included) goes to stderr.
@@ -141,9 +141,65 @@ class MemoryTransport:
         return json.loads(self.docs[key])
 
 
-def make_transport(workdir: str) -> Transport:
-    """The one place to swap in a real bucket."""
-    return MemoryTransport()
+class BucketTransport:
+    """A real folder bucket: every hop is a signed fedfs document, published exclusively by the
+    party that owns its key and verified (signature, role, schema) by the reader."""
+
+    def __init__(self, workdir: str, site_names: list[str]) -> None:
+        from fedfs.federation import Federation, config_from_key_dir
+        from fedfs.signing import generate_keypair, load_identity
+
+        keys = os.path.join(workdir, "keys")
+        generate_keypair("aggregator", "aggregator", keys)
+        for s in site_names:
+            generate_keypair(s, "site", keys)
+        config, agg = config_from_key_dir(keys, site_names, mode="ffe", configuration="3d_fullres")
+        self.fed, _ = Federation.create(os.path.join(workdir, "bucket"), config, agg)
+        self.ids = {s: load_identity(os.path.join(keys, f"{s}.key")) for s in site_names}
+        self.ids["aggregator"] = agg
+
+    def _route(self, key: str, doc: dict | None):
+        from fedfs import layout
+        from fedfs.schema import Census, FingerprintSummary, GlobalFingerprint, PlansDocument, SiteCensus
+
+        kind, who = key.split("/", 1)
+        if kind == "census" and who == "global":
+            return layout.CENSUS, Census, "aggregator", doc and Census(**doc)
+        if kind == "census":
+            return layout.site_census(who), SiteCensus, who, doc and SiteCensus(site=who, **doc)
+        if kind == "summary":
+            return layout.site_fingerprint(who), FingerprintSummary, who, doc and FingerprintSummary(
+                site=who, mode="ffe", total_cases=doc["total_cases"], summary=doc)
+        if kind == "fingerprint":
+            return layout.GLOBAL_FINGERPRINT, GlobalFingerprint, "aggregator", doc and GlobalFingerprint(
+                fingerprint=doc, sites=sorted(self.fed.config.site_names), total_cases=len(doc["spacings"]))
+        if kind == "plans":
+            return layout.site_plans(who), PlansDocument, who, doc and PlansDocument(
+                site=who, plans_identifier="nnUNetPlans", configuration="3d_fullres", **doc)
+        raise KeyError(key)
+
+    def publish(self, key: str, doc: dict) -> None:
+        bucket_key, _, party, document = self._route(key, doc)
+        self.fed.bucket.publish(bucket_key, document, self.ids[party])
+
+    def read(self, key: str) -> dict:
+        import dataclasses
+
+        bucket_key, cls, _, _ = self._route(key, None)
+        body = self.fed.bucket.read(bucket_key, cls).doc
+        if key.startswith("summary/"):
+            return body.summary
+        if key.startswith("fingerprint/"):
+            return body.fingerprint
+        if key.startswith("plans/"):
+            return {"digest": body.digest, "summary": body.summary}
+        return {f.name: getattr(body, f.name) for f in dataclasses.fields(body)
+                if f.name in ("num_cases", "num_channels", "total_cases", "sites")}
+
+
+def make_transport(workdir: str, site_names: list[str] | None = None) -> Transport:
+    """A real folder bucket with signed documents (the in-memory transport is kept for debugging)."""
+    return BucketTransport(workdir, site_names) if site_names else MemoryTransport()
 
 
 # ------------------------------------------------------------------ the protocol
@@ -239,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         log("fedfs FFE ...")
         options = {k: v for k, v in (("max_exact_values", args.max_exact_values),
                                      ("mantissa_bits", args.mantissa_bits)) if v is not None}
-        ffe = run_ffe(make_transport(tmp), SITES, args.num_processes, args.planner, **options)
+        ffe = run_ffe(make_transport(tmp, [s["name"] for s in SITES]), SITES, args.num_processes, args.planner,
+                      **options)
 
         log("reference merge (local nnU-Net fingerprints, weighted averages) ...")
         local_fps, local_s = {}, {}
