@@ -18,7 +18,10 @@ Design decisions:
   FedAvg's ``w_i/W``, so synchronous FedBuff gives FedAvg's bytes.
 - Accumulation is float32 (float64 when an input is F64), in a fixed order
   (global, bases by version, updates by site), so results are deterministic and
-  byte-identical for any arrival order. Output tensors keep their dtype.
+  byte-identical for any arrival order (on one machine and software stack).
+  float32 costs at most a few ulp of the largest term, below what storing the
+  result in float32 costs anyway; float64 would double the accumulator traffic.
+  Output tensors keep their dtype (mixed float inputs: F64 if any, else F32).
 - Integer (I64) buffers are not averaged: the output is their elementwise maximum.
 - Finiteness is checked on each output chunk (a NaN or Inf in any input makes the
   combination non-finite); then the offending inputs are found, rejected with
@@ -33,6 +36,8 @@ Design decisions:
   chunks in turn (file I/O and torch release the GIL), torch's intra-op threads
   set to 1 meanwhile; the output is preallocated (``posix_fallocate``). Chunking
   depends only on the inputs, so any thread or re-run computes the same bytes.
+  The garbage collector is paused during a call (planning allocates many small
+  objects, and a full collection with torch imported costs more than planning).
 
 AsymFedAvg (``align="level"`` or ``"name"``): outputs are *groups* (aligned key +
 shape, see :mod:`fedfs.align`) averaged over the sites that have them; the result
@@ -42,6 +47,7 @@ is a union file, and :func:`extract_site` gives each site its own keys back.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import math
 import os
@@ -60,7 +66,7 @@ from .weights import (ALLOWED_DTYPES, FLOAT_DTYPES, MAX_HEADER, Shape, WeightsIn
 
 __all__ = [
     "Staleness", "FedAvg", "FedBuff", "FedAsync", "Update", "Contribution", "Rejection",
-    "AggregateResult", "aggregate", "aggregate_asym", "extract_site",
+    "AggregateResult", "Extraction", "aggregate", "aggregate_asym", "extract_site",
 ]
 
 
@@ -249,12 +255,13 @@ def _coefficients(rule: Rule, members: list[_Accepted],
 
 def _plan(rule: Rule, glob: WeightsInfo | None, base_infos: Mapping[int, WeightsInfo], accepted: list[_Accepted],
           first_src: int) -> tuple[list[Out], list[Rejection]]:
-    """Output tensors as linear combinations; also updates whose dtype kind conflicts."""
+    """Output tensors as linear combinations; also updates whose dtype kind or shape conflicts."""
     members: dict[str, list[tuple[int, str]]] = {}
     for i, a in enumerate(accepted):
         for key, out in a.groups.items():
             members.setdefault(out, []).append((i, key))
     outs, conflicts = [], []
+    cache: dict[tuple[tuple[int, ...], bool], tuple[float, dict[int, float], list[float]]] = {}
     for out_key in sorted(set(members) | set(glob.tensors if glob else ())):
         g = glob.tensors.get(out_key) if glob else None
         mem = members.get(out_key, [])
@@ -274,14 +281,19 @@ def _plan(rule: Rule, glob: WeightsInfo | None, base_infos: Mapping[int, Weights
         if not mem:
             outs.append(Out(out_key, dtype, shape, "lin", (Term(0, g.start, g.dtype, 1.0),)))
             continue
-        cg, cb, cx = _coefficients(rule, [accepted[i] for i, _ in mem], g is not None)
+        who = (tuple(i for i, _ in mem), g is not None)  # same members, same coefficients: compute once
+        if who not in cache:
+            cache[who] = _coefficients(rule, [accepted[i] for i in who[0]], g is not None)
+        cg, cb, cx = cache[who]
         terms = [Term(0, g.start, g.dtype, cg)] if g and cg != 0.0 else []
+        fallback = False
         for b, c in cb.items():
             bt = base_infos[b].tensors.get(out_key)
-            ok = bt is not None and bt.shape == shape and _kind(bt.dtype) == "float"
-            terms.append(Term(b, bt.start, bt.dtype, c) if ok else Term(0, g.start, g.dtype, c))
+            if bt is None or bt.shape != shape or _kind(bt.dtype) != "float":
+                bt, fallback = g, True
+            terms.append(Term(b if bt is not g else 0, bt.start, bt.dtype, c))
         terms += [Term(first_src + i, t.start, t.dtype, c) for (i, _), t, c in zip(mem, tinfo, cx) if c != 0.0]
-        outs.append(Out(out_key, dtype, shape, "lin", tuple(_merge_same(terms))))
+        outs.append(Out(out_key, dtype, shape, "lin", tuple(_merge_same(terms) if fallback else terms)))
     return outs, conflicts
 
 
@@ -338,17 +350,17 @@ class SourceFailed(Exception):
 def _segments(outs: Sequence[Out], data_start: int, offsets: Sequence[int]) -> list[_Segment]:
     """Merge consecutive outputs that read contiguous bytes with equal coefficients into one run."""
     segs: list[_Segment] = []
+    sig: tuple[object, ...] = ()
     for out, off in zip(outs, offsets):
         nel = math.prod(out.shape)
-        if segs:
+        here = (out.kind, out.dtype) + tuple((t.src, t.dtype, t.coef) for t in out.terms)
+        if segs and here == sig:
             s = segs[-1]
-            if (s.kind == out.kind and s.dtype == out.dtype and len(s.terms) == len(out.terms) and all(
-                    a.src == b.src and a.dtype == b.dtype and a.coef == b.coef
-                    and b.offset == a.offset + s.nel * ALLOWED_DTYPES[a.dtype][0]
-                    for a, b in zip(s.terms, out.terms))):
+            if all(b.offset == a.offset + s.nel * ALLOWED_DTYPES[a.dtype][0] for a, b in zip(s.terms, out.terms)):
                 segs[-1] = s._replace(keys=s.keys + (out.key,), nel=s.nel + nel)
                 continue
         segs.append(_Segment((out.key,), out.dtype, out.kind, out.terms, nel, data_start + off))
+        sig = here
     return [s for s in segs if s.nel]
 
 
@@ -517,19 +529,36 @@ def _reference(candidates: list[_Accepted], expected: Mapping[str, Sequence[int]
 
 
 def _sharing(accepted: list[_Accepted]) -> dict[str, SiteShare]:
+    """Per site: tensors and parameters, and how many are averaged with another site's."""
     sites: dict[str, set[str]] = {}
     for a in accepted:
         for out in a.groups.values():
             sites.setdefault(out, set()).add(a.update.site)
     report: dict[str, SiteShare] = {}
+    done: dict[tuple[str, ...], tuple[int, int, int, int]] = {}  # one architecture: counted once
     for a in accepted:
         if a.update.site in report:
             continue
-        sizes = {k: t.numel for k, t in a.info.tensors.items()}
-        shared = [k for k, out in a.groups.items() if len(sites[out]) > 1]
-        report[a.update.site] = SiteShare(a.update.site, len(sizes), sum(sizes.values()),
-                                          len(shared), sum(sizes[k] for k in shared))
+        layout = tuple(a.groups.values())
+        if layout not in done:
+            sizes = {k: t.numel for k, t in a.info.tensors.items()}
+            shared = [k for k, out in a.groups.items() if len(sites[out]) > 1]
+            done[layout] = (len(sizes), sum(sizes.values()), len(shared), sum(sizes[k] for k in shared))
+        report[a.update.site] = SiteShare(a.update.site, *done[layout])
     return report
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning creates thousands of small objects; with torch imported, each full
+    collection walks ~10^5 objects and would cost more than the planning itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def aggregate(updates: Sequence[Update], out_path: str | os.PathLike[str], *, rule: Rule = FedAvg(),
@@ -550,7 +579,14 @@ def aggregate(updates: Sequence[Update], out_path: str | os.PathLike[str], *, ru
     acceptable update (``exc.rejected`` lists the reasons).
     """
     _check_config(rule, global_path, version, align)
-    out_path = os.fspath(out_path)
+    with _gc_paused():
+        return _aggregate(updates, os.fspath(out_path), rule, global_path, version, align, expected, metadata,
+                          max_header, threads)
+
+
+def _aggregate(updates: Sequence[Update], out_path: str, rule: Rule, global_path: str | os.PathLike[str] | None,
+               version: int | None, align: str | None, expected: Mapping[str, Sequence[int]] | None,
+               metadata: Mapping[str, str] | None, max_header: int, threads: int | None) -> AggregateResult:
     glob = inspect_weights(global_path, max_header=max_header) if global_path is not None else None
     ordered = sorted(updates, key=lambda u: (u.site, -1 if u.base_version is None else u.base_version,
                                              os.fspath(u.path)))
@@ -660,6 +696,8 @@ def extract_site(union_path: str | os.PathLike[str], shapes: Mapping[str, Sequen
     outs, n_global = [], 0
     for key in sorted(groups):
         t, src = union.tensors.get(groups[key]), 0
+        if t is not None and t.shape != tuple(shapes[key]):
+            raise ValidationError(f"{union.path}: group {groups[key]} has shape {list(t.shape)}")
         if t is None and fallback is not None:
             t, src = fallback.tensors[key], 1
         if t is None:

@@ -123,10 +123,11 @@ def canonical_state(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor
         if not isinstance(tensor, torch.Tensor):
             raise ValidationError(f"state entry {key!r} is a {type(tensor).__name__}, not a tensor")
         t = tensor.detach()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and t.device.type != "meta" and ident in seen:
-            continue
-        seen.add(ident)
+        if t.numel() and t.device.type != "meta":
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident in seen:
+                continue
+            seen.add(ident)
         name = key.replace(_COMPILE_PREFIX, "")
         if name in out:
             raise ValidationError(f"keys {key!r} and {name!r} collide once {_COMPILE_PREFIX!r} is removed")

@@ -227,3 +227,26 @@ def test_every_error_is_a_validation_error_naming_the_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValidationError, match=os.path.basename(empty)):
         inspect_weights(empty)
+
+
+def test_a_real_nnunet_network_saves_without_aliases_and_loads_back(tmp_path):
+    # Prepare: the 2D 5-stage network nnU-Net builds from plans (state_dict: 240 keys, 88 tensors)
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    from test_align import plans_configuration
+
+    cm = ConfigurationManager(plans_configuration(5))
+
+    def build() -> torch.nn.Module:
+        return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                      cm.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=True)
+
+    net, fresh = build(), build()
+    path = tmp_path / "net.safetensors"
+    # Execute
+    save_weights(path, net, weights_metadata(federation="f", site="A", version=1, num_cases=4))
+    tensors, _ = load_weights(path)
+    _, unexpected = fresh.load_state_dict(tensors, strict=False)
+    # Assert: the keys strict=False skips are aliases, so the fresh net now equals the saved one
+    assert len(net.state_dict()) == 240 and len(tensors) == 88 and not unexpected
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in net.state_dict().items())
