@@ -1,0 +1,683 @@
+"""Does federated nnU-Net over a bucket segment as well as centralized nnU-Net? The multi-site table.
+
+A synthetic multi-site 2D segmentation task (one foreground label, ``lesion``), built to be
+hard in the ways real multi-site data is (:data:`TRAIN_SITES`, :data:`EXTERNAL_SITE`):
+
+* four training sites whose scanners differ in intensity scale and offset (0.05 to 2000
+  raw units per contrast unit), lesion contrast and noise (contrast-to-noise 2.0 to 5.0),
+  pixel spacing (0.7 to 1.5 mm, one anisotropic), lesion size (3 to 20 mm radius) and shape
+  (ellipses, lobulated blobs, up to three lesions), artefacts (bias field, stripes, motion
+  ghosts: an unlabelled copy of the lesion half a field of view away) and case counts
+  (24, 16, 12 and a small site with 6);
+* held-out test cases at every training site, plus one external site that trains nowhere
+  (its own scanner, spacing, shapes and artefacts) and is only tested.
+
+Arms, all nnU-Net 2.8 ``2d`` with ``nnUNetTrainer`` and the same budget: every nnU-Net
+training run, wherever it runs, does ``rounds x local_epochs`` epochs of ``iterations``
+training iterations (nnU-Net's poly learning rate set up for exactly that many epochs),
+fold 0 of nnU-Net's own 5-fold split:
+
+* ``local``: nnU-Net at each training site on that site's data only (its own plans);
+* ``centralized``: nnU-Net on the pooled training data (``make_pooled``), planned on the
+  pooled fingerprint (nnU-Net's plan-and-preprocess via :mod:`fedfs.nnunet_adapter`);
+* ``ffe_sync``: fedfs FFE, synchronous FedAvg over a folder bucket (``fedfs.simulate``:
+  aggregator and sites as separate processes), ``rounds`` rounds of ``local_epochs`` epochs;
+* ``asym_sync``: fedfs AsymFedAvg, synchronous, every site on its own plans;
+* ``ffe_async``: fedfs FFE with asynchronous FedBuff (buffer K = ``buffer_size``) where
+  one site (:data:`SLOW_SITE`) runs on a ``slow_factor`` times slower machine: its process
+  group gets one time slice in ``slow_factor`` (SIGSTOP/SIGCONT, :class:`SlowMachine`). Its
+  budget is the same, but it folds fewer and staler updates in before the last global is out.
+
+A federation as a whole therefore computes ``n_sites`` times the gradient steps of the
+centralized run: that is nnU-Net's convention (a fixed epochs x iterations budget per
+training run, whatever the dataset size) and the paper's setup; ``--central-scale 4``
+gives the centralized run the federation's total instead.
+
+Evaluation is nnU-Net's own: every model is exported as an nnU-Net model folder
+(``fedfs.export.export_site_model`` for federated models, ``export_model_folder`` for
+local and centralized ones) and the test images are segmented with the real
+``nnUNetv2_predict_from_modelfolder`` (the quick budget passes ``--disable_tta``: test-time
+mirroring, nnU-Net's default and ``--full``'s, is five times slower on CPU; ``--tta`` turns it
+on). Dice per case is nnU-Net's ``compute_metrics`` (:func:`fedfs.nnunet_inference.dice_per_case`);
+HD95 is :func:`hd95` (MedPy's definition: the 95th percentile of the symmetric surface
+distances in mm, spacing honoured; a case with an empty prediction gets the image diagonal).
+Rows are per (method, test site): mean over that site's test cases. ``local`` on a training
+site is that site's own model on its own test cases (the paper's convention); ``local`` and
+``asym_sync`` on the external site are the mean over the site models. ``means`` average
+the five test sites equally (``means_internal``: the four training sites only).
+
+Targets (quick budget): FFE mean Dice >= centralized - 0.01; FFE and AsymFedAvg mean Dice
+above local's; async FedBuff within 0.02 of sync FFE.
+
+``python benchmarks/quality.py --json`` (``--quick``, the default: about 20 minutes on two
+CPU cores) prints one JSON object on stdout; everything else goes to stderr.
+``--full``: nnU-Net's default budget (1000 epochs of 250 iterations: 100 rounds x 10 local
+epochs) for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARMS = ("local", "centralized", "ffe_sync", "asym_sync", "ffe_async")
+CONFIGURATION = "2d"
+FOLD = 0
+
+
+def log(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ HD95 (numpy + scipy only)
+
+def _border(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    """The mask's surface voxels: the mask minus its erosion (voxels outside the image count as
+    background, so an object touching the edge has its surface there too)."""
+    from scipy import ndimage
+
+    footprint = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    return mask & ~ndimage.binary_erosion(mask, structure=footprint, iterations=1)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None,
+                      connectivity: int = 1) -> np.ndarray:
+    """Distance (in the units of ``spacing``) from every surface voxel of ``a`` to the nearest
+    surface voxel of ``b``. Both masks must be non-empty."""
+    from scipy import ndimage
+
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    if not a.any() or not b.any():
+        raise ValueError("surface distances need two non-empty masks")
+    sampling = None if spacing is None else [float(s) for s in spacing]
+    if sampling is not None and len(sampling) != a.ndim:
+        raise ValueError(f"spacing has {len(sampling)} values for a {a.ndim}-D mask")
+    to_b = ndimage.distance_transform_edt(~_border(b, connectivity), sampling=sampling)
+    return to_b[_border(a, connectivity)]
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None = None, connectivity: int = 1) -> float:
+    """95th percentile Hausdorff distance between two binary masks, as MedPy's ``hd95``:
+    ``percentile(concat(d(pred -> ref), d(ref -> pred)), 95)`` over surface voxels, with
+    ``spacing`` per axis (array order). 0 when both masks are empty, ``inf`` when one is."""
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if not pred.any() and not ref.any():
+        return 0.0
+    if not pred.any() or not ref.any():
+        return math.inf
+    d = np.concatenate([surface_distances(pred, ref, spacing, connectivity),
+                        surface_distances(ref, pred, spacing, connectivity)])
+    return float(np.percentile(d, 95))
+
+
+def hd95_per_case(pred_folder: str | os.PathLike, gt_folder: str | os.PathLike, label: int = 1,
+                  file_ending: str = ".nii.gz") -> dict[str, float]:
+    """HD95 in mm of ``label`` for every reference case in ``gt_folder``, with the reference's spacing.
+    An empty prediction of a non-empty reference gets the image's diagonal (the largest possible
+    distance), so a model that finds nothing is not rewarded with a missing value."""
+    import SimpleITK as sitk
+
+    out: dict[str, float] = {}
+    for ref_file in sorted(p for p in Path(gt_folder).iterdir() if p.name.endswith(file_ending)):
+        ref_img = sitk.ReadImage(str(ref_file))
+        ref = sitk.GetArrayFromImage(ref_img) == label
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(pred_folder) / ref_file.name))) == label
+        spacing = tuple(reversed(ref_img.GetSpacing()))  # SimpleITK is (x, y[, z]); arrays are ([z,] y, x)
+        value = hd95(pred, ref, spacing)
+        if math.isinf(value):
+            value = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(ref.shape, spacing))))
+        out[ref_file.name[: -len(file_ending)]] = value
+    return out
+
+
+# ------------------------------------------------------------------ the task
+
+def _styles() -> tuple[dict[str, Any], dict[str, Any]]:
+    from fedfs.synthetic import SiteStyle
+
+    train = {
+        # large site, clean 1.5T-like scanner, medium ellipses
+        "SiteA": SiteStyle(intensity_scale=100.0, intensity_offset=50.0, contrast=1.0, noise=0.3, texture=0.2,
+                           spacing=(1.0, 1.0), radius_mm=(6.0, 12.0), shape="ellipse", bias_field=0.1,
+                           n_train=24, n_test=16),
+        # high-resolution scanner, low contrast, small lobulated lesions (up to 2), strong bias field
+        "SiteB": SiteStyle(intensity_scale=2000.0, intensity_offset=-300.0, contrast=0.8, noise=0.4, texture=0.25,
+                           spacing=(0.7, 0.7), radius_mm=(3.0, 7.0), shape="blob", max_lesions=2,
+                           bias_field=0.4, n_train=16, n_test=16),
+        # anisotropic low-resolution scanner, large ellipses, stripe artefacts
+        "SiteC": SiteStyle(intensity_scale=0.05, intensity_offset=1.0, contrast=1.2, noise=0.3, texture=0.2,
+                           spacing=(1.5, 1.1), radius_mm=(10.0, 20.0), shape="ellipse", stripes=0.3,
+                           n_train=12, n_test=16),
+        # small site: noisy, motion ghosts, up to three blobs
+        "SiteD": SiteStyle(intensity_scale=500.0, intensity_offset=0.0, contrast=0.9, noise=0.45, texture=0.2,
+                           spacing=(1.2, 1.2), radius_mm=(5.0, 10.0), shape="blob", max_lesions=3,
+                           ghosting=0.35, bias_field=0.2, n_train=6, n_test=16),
+    }
+    external = {
+        # trains nowhere: its own scanner, spacing, lesion mix and a mixture of the artefacts
+        "External": SiteStyle(intensity_scale=300.0, intensity_offset=200.0, contrast=0.85, noise=0.35, texture=0.25,
+                              spacing=(0.9, 1.15), radius_mm=(5.0, 14.0), shape="blob", max_lesions=2,
+                              stripes=0.15, bias_field=0.25, ghosting=0.2, n_train=1, n_test=24),
+    }
+    return train, external
+
+
+SLOW_SITE = "SiteB"
+BASE_ID = 700  # pooled 700, training sites 701.., external after them
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget every arm gets (per nnU-Net training run)."""
+
+    rounds: int
+    local_epochs: int
+    iterations: int            # nnU-Net training iterations per epoch (nnUNetTrainer: 250)
+    val_iterations: int        # validation iterations per epoch (nnUNetTrainer: 50); no effect on the model
+    buffer_size: int           # FedBuff K for the async arm
+    slow_factor: float         # the async arm's slow site takes this many times longer per epoch
+    tta: bool = False          # nnU-Net's test-time mirroring at prediction (its default; 5x slower on CPU)
+    central_scale: int = 1     # centralized iterations per epoch = iterations x central_scale
+
+    @property
+    def epochs(self) -> int:
+        return self.rounds * self.local_epochs
+
+
+QUICK = Budget(rounds=6, local_epochs=4, iterations=10, val_iterations=2, buffer_size=3, slow_factor=3.0)
+FULL = Budget(rounds=100, local_epochs=10, iterations=250, val_iterations=50, buffer_size=3, slow_factor=3.0,
+              tta=True)
+
+
+@dataclass
+class Task:
+    root: Path
+    raw: Path
+    sites: dict[str, Any]       # training site name -> SitePaths
+    external: Any               # SitePaths
+    pooled: Any                 # SitePaths
+
+    @property
+    def test_sites(self) -> dict[str, Any]:
+        return {**self.sites, self.external.dataset_name.split("_", 1)[1]: self.external}
+
+
+def make_task(root: Path, seed: int) -> Task:
+    from fedfs.synthetic import make_pooled, make_site
+
+    raw, heldout = root / "nnUNet_raw", root / "heldout"
+    train, external = _styles()
+    sites = {name: make_site(raw, BASE_ID + 1 + i, name, style=style, seed=seed, test_root=heldout)
+             for i, (name, style) in enumerate(train.items())}
+    (ext_name, ext_style), = external.items()
+    ext = make_site(raw, BASE_ID + 1 + len(sites), ext_name, style=ext_style, seed=seed, test_root=heldout)
+    shutil.rmtree(ext.dataset_dir)  # the external site trains nowhere: only its held-out cases are kept
+    pooled = make_pooled(raw, list(sites.values()), BASE_ID, "Pooled", test_root=heldout)
+    return Task(root, raw, sites, ext, pooled)
+
+
+# ------------------------------------------------------------------ nnU-Net environment per arm
+
+class SlowMachine(threading.Thread):
+    """Make one site's process run ``factor`` times slower, like a slower machine: its process group
+    is stopped (SIGSTOP) for ``factor - 1`` of every ``factor`` time slices and continued (SIGCONT)
+    for one. Everything it does (planning, training, polling, uploads) slows down alike; its
+    nnU-Net budget is unchanged. The process is found among this process's own children by the
+    key file on its command line."""
+
+    def __init__(self, key_file: Path, factor: float, slice_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.key_file, self.factor, self.slice_s = str(key_file), float(factor), slice_s
+        self.stopping = threading.Event()
+        self.pgid: int | None = None
+
+    def _find(self) -> int | None:
+        me = os.getpid()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == me and self.key_file.encode() in argv and b"site" in argv:
+                return int(entry.name)
+        return None
+
+    def run(self) -> None:
+        while self.pgid is None and not self.stopping.wait(0.2):
+            pid = self._find()
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    self.pgid = os.getpgid(pid)
+        while self.pgid is not None and not self.stopping.is_set():
+            try:
+                os.killpg(self.pgid, signal.SIGSTOP)
+                self.stopping.wait(self.slice_s * (self.factor - 1))
+            finally:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pgid, signal.SIGCONT)
+            self.stopping.wait(self.slice_s)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=5)
+        if self.pgid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pgid, signal.SIGCONT)
+
+
+def arm_env(task: Task, arm: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """nnU-Net's folders for one arm (raw data shared, preprocessed and results its own)."""
+    from fedfs.nnunet_build import trainer_search_path
+
+    base = task.root / "arms" / arm
+    env = {"nnUNet_raw": str(task.raw), "nnUNet_preprocessed": str(base / "nnUNet_preprocessed"),
+           "nnUNet_results": str(base / "nnUNet_results"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "nnUNet_extTrainer": trainer_search_path()}
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def environ(env: Mapping[str, str]) -> Iterator[None]:
+    from fedfs.nnunet_build import nnunet_env
+
+    with nnunet_env(env):
+        yield
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------ arms
+
+def plan_locally(dataset_id: int) -> None:
+    """nnUNetv2_plan_and_preprocess -d ID -c 2d on the dataset's own fingerprint (caller sets the env)."""
+    from fedfs import nnunet_adapter as nn
+
+    nn.local_fingerprint(dataset_id, num_processes=1)
+    nn.plan_and_preprocess(dataset_id, [CONFIGURATION], num_processes=1)
+
+
+def train_centrally(dataset_id: int, budget: Budget, env: Mapping[str, str], out_dir: Path,
+                    iterations: int | None = None) -> dict[str, Any]:
+    """One plain nnU-Net training run (no federation), exported as a model folder."""
+    from fedfs.nnunet_inference import export_model_folder
+    from fedfs.nnunet_training import NnunetSession
+
+    t0 = time.monotonic()
+    session = NnunetSession.create(dataset_id, CONFIGURATION, FOLD, "nnUNetTrainer", device=_device(),
+                                   total_epochs=budget.epochs, iterations_per_epoch=iterations or budget.iterations,
+                                   val_iterations=budget.val_iterations, env=env,
+                                   num_threads=None if _device() == "cuda" else (os.cpu_count() or 1))
+    try:
+        for _ in range(budget.rounds):  # rounds x local_epochs: the same epochs, logged like a federation
+            m = session.train_epochs(budget.local_epochs)
+            log(f"    dataset {dataset_id}: epoch {m['epoch']}/{m['num_epochs']} train_loss {m['train_loss']:.3f} "
+                f"pseudo_dice {m['pseudo_dice'] or float('nan'):.3f}")
+        session.finish(validate=False)
+        export_model_folder(session, session.weights(), out_dir, FOLD, current_epoch=session.epoch)
+        n_train, _ = session.split_sizes()
+    finally:
+        session.close()
+    return {"train_s": round(time.monotonic() - t0, 1), "num_train_cases": n_train}
+
+
+def run_local(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
+    env = arm_env(task, "local")
+    models = {}
+    with environ(env):
+        for name, site in task.sites.items():
+            log(f"  local: plan and train {name} ({site.n_train} cases)")
+            plan_locally(site.dataset_id)
+            out = work / "models" / "local" / name
+            train_centrally(site.dataset_id, budget, env, out)
+            models[name] = out
+    return {"models": models}
+
+
+def run_centralized(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
+    env = arm_env(task, "centralized")
+    out = work / "models" / "centralized" / "pooled"
+    with environ(env):
+        log(f"  centralized: plan on the pooled fingerprint and train ({task.pooled.n_train} cases)")
+        plan_locally(task.pooled.dataset_id)
+        info = train_centrally(task.pooled.dataset_id, budget, env, out, budget.iterations * budget.central_scale)
+    return {"models": {"*": out}, **info}
+
+
+def run_federated(task: Task, budget: Budget, work: Path, arm: str) -> dict[str, Any]:
+    from fedfs.export import export_site_model
+    from fedfs.federation import Federation
+    from fedfs.simulate import SimulationSpec, simulate
+
+    mode = "asym" if arm.startswith("asym") else "ffe"
+    aggregation = "async" if arm.endswith("async") else "sync"
+    env = arm_env(task, arm)
+    device = _device()
+    site_args = {name: ["-device", device] for name in task.sites}
+    spec = SimulationSpec(datasets={n: str(s.dataset_id) for n, s in task.sites.items()}, mode=mode,
+                          rounds=budget.rounds, local_epochs=budget.local_epochs, aggregation=aggregation,
+                          buffer_size=budget.buffer_size if aggregation == "async" else 0,
+                          max_staleness=budget.rounds, trainer="nnUNetTrainer",
+                          iterations_per_epoch=budget.iterations, val_iterations=budget.val_iterations,
+                          final_validation=False, site_args=site_args, poll_interval=1.0)
+    fed_dir = work / "federations" / arm
+    if fed_dir.exists():
+        shutil.rmtree(fed_dir)
+    slow = SlowMachine(fed_dir / "keys" / f"{SLOW_SITE}.key", budget.slow_factor) if aggregation == "async" else None
+    if slow is not None:
+        slow.start()
+    try:
+        result = simulate(spec, workdir=fed_dir, env=env, echo=lambda m: log(f"  {arm}: {m}"), timeout_s=6 * 3600)
+    finally:
+        if slow is not None:
+            slow.stop()
+    models = {}
+    with environ(env):
+        # FFE: one global model (every site holds the same plans); AsymFedAvg: each site's own
+        exporters = list(task.sites) if mode == "asym" else [n for n in task.sites if n != SLOW_SITE][:1]
+        for name in exporters:
+            fed = Federation.open(result["bucket"], identity=Path(result["keys"]) / f"{name}.key")
+            contributions = _contributions(fed, result["final_version"])
+            out = work / "models" / arm / name
+            export_site_model(fed, name, str(task.sites[name].dataset_id), out, configuration=CONFIGURATION,
+                              fold=FOLD, trainer="nnUNetTrainer")
+            models[name if mode == "asym" else "*"] = out
+    return {"models": models, "final_version": result["final_version"], "federation_wall_s": result["wall_s"],
+            "updates_folded_per_site": {s: len(v) for s, v in contributions.items()},
+            "staleness_per_site": contributions}
+
+
+def _contributions(fed: Any, final_version: int) -> dict[str, list[int]]:
+    """Per site, the staleness of each of its updates folded into v1 .. v<final> (from the manifests)."""
+    from fedfs import layout
+    from fedfs.schema import GlobalManifest
+
+    out: dict[str, list[int]] = {}
+    for v in range(1, final_version + 1):
+        for c in fed.bucket.read(layout.global_version(v), GlobalManifest).doc.contributions:
+            out.setdefault(c.site, []).append(int(c.staleness))
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _test_inputs(task: Task, work: Path) -> dict[str, Path]:
+    """Input folders: every test site's images together ('*'), and each site's plus the external's."""
+    ext = task.external
+    folders = {"*": list(task.test_sites.values())}
+    folders.update({n: [s, ext] for n, s in task.sites.items()})
+    out = {}
+    for key, sites in folders.items():
+        folder = work / "test_inputs" / ("all" if key == "*" else key)
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in sites:
+            for f in Path(s.images_ts).iterdir():
+                if not (folder / f.name).exists():
+                    shutil.copy2(f, folder / f.name)
+        out[key] = folder
+    return out
+
+
+def evaluate(task: Task, models: Mapping[str, Path], inputs: Mapping[str, Path], work: Path,
+             arm: str, tta: bool) -> dict[str, dict[str, dict[str, float]]]:
+    """{model key: {test site: {dice, hd95, n}}} with nnUNetv2_predict_from_modelfolder + nnU-Net's Dice."""
+    from fedfs.nnunet_inference import dice_per_case, predict_folder
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, model in models.items():
+        pred = work / "predictions" / arm / ("all" if key == "*" else key)
+        if pred.exists():
+            shutil.rmtree(pred)
+        predict_folder(model, inputs[key], pred, FOLD, device=_device(), num_processes=1, disable_tta=not tta)
+        test_sites = task.test_sites if key == "*" else {key: task.sites[key], "External": task.external}
+        out[key] = {}
+        for name, site in test_sites.items():
+            dice = dice_per_case(pred, site.labels_ts)
+            hd = hd95_per_case(pred, site.labels_ts)
+            out[key][name] = {"dice": float(np.nanmean(list(dice.values()))),
+                              "hd95": float(np.mean(list(hd.values()))), "n": len(dice)}
+    return out
+
+
+def rows_for(arm: str, per_model: Mapping[str, Mapping[str, Mapping[str, float]]],
+             test_sites: Sequence[str]) -> list[dict[str, Any]]:
+    """The table's rows for one arm: a shared model on every test site, or each site model on its own
+    site and the mean of the site models on the external one."""
+    rows = []
+    for site in test_sites:
+        if "*" in per_model:
+            m = per_model["*"][site]
+            rows.append({"method": arm, "site": site, "dice": m["dice"], "hd95": m["hd95"], "n_cases": m["n"]})
+        elif site in per_model:
+            m = per_model[site][site]
+            rows.append({"method": arm, "site": site, "dice": m["dice"], "hd95": m["hd95"], "n_cases": m["n"]})
+        else:  # the external site: every site model, averaged
+            vals = [per_model[k][site] for k in sorted(per_model)]
+            rows.append({"method": arm, "site": site, "dice": float(np.mean([v["dice"] for v in vals])),
+                         "hd95": float(np.mean([v["hd95"] for v in vals])), "n_cases": vals[0]["n"],
+                         "per_model": {k: {"dice": round(per_model[k][site]["dice"], 4),
+                                           "hd95": round(per_model[k][site]["hd95"], 2)} for k in sorted(per_model)}})
+    for r in rows:
+        r["dice"], r["hd95"] = round(r["dice"], 4), round(r["hd95"], 2)
+    return rows
+
+
+def means(rows: Sequence[Mapping[str, Any]], sites: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method and (sites is None or r["site"] in sites)]
+        out[method] = {"dice": round(float(np.mean([r["dice"] for r in sel])), 4),
+                       "hd95": round(float(np.mean([r["hd95"] for r in sel])), 2)}
+    return out
+
+
+def check_targets(m: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    def dice(arm: str) -> float | None:
+        return m[arm]["dice"] if arm in m else None
+
+    def target(value: float | None, ok: bool | None, rule: str) -> dict[str, Any]:
+        return {"rule": rule, "value": None if value is None else round(value, 4), "met": ok}
+
+    ffe, cen, loc, asym, asy = (dice(a) for a in ("ffe_sync", "centralized", "local", "asym_sync", "ffe_async"))
+    have = lambda *xs: all(x is not None for x in xs)  # noqa: E731
+    return {
+        "ffe_vs_centralized": target(ffe - cen if have(ffe, cen) else None,
+                                     ffe - cen >= -0.01 if have(ffe, cen) else None, "ffe - centralized >= -0.01"),
+        "ffe_vs_local": target(ffe - loc if have(ffe, loc) else None,
+                               ffe > loc if have(ffe, loc) else None, "ffe - local > 0"),
+        "asym_vs_local": target(asym - loc if have(asym, loc) else None,
+                                asym > loc if have(asym, loc) else None, "asym - local > 0"),
+        "async_vs_sync": target(asy - ffe if have(asy, ffe) else None,
+                                abs(asy - ffe) <= 0.02 if have(asy, ffe) else None, "|ffe_async - ffe_sync| <= 0.02"),
+    }
+
+
+# ------------------------------------------------------------------ machine and output
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
+    versions = {}
+    for mod in ("torch", "nnunetv2"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+    gpu = None
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "gpu": gpu, "python": platform.python_version(),
+            **versions, "platform": platform.platform(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    sites = list(dict.fromkeys(r["site"] for r in result["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    cell = {(r["method"], r["site"]): r for r in result["rows"]}
+    head = "| method | " + " | ".join(sites) + " | mean |"
+    lines = [head, "|" + "---|" * (len(sites) + 2)]
+    for m in methods:
+        vals = [f"{cell[m, s]['dice']:.3f} / {cell[m, s]['hd95']:.1f}" if (m, s) in cell else "" for s in sites]
+        mm = result["means"][m]
+        lines.append(f"| {m} | " + " | ".join(vals) + f" | **{mm['dice']:.3f}** / {mm['hd95']:.1f} |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[Any]:
+    """Send everything written to fd 1 (nnU-Net's prints, child processes) to stderr; yield the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real = os.fdopen(os.dup(saved), "w")
+    try:
+        yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run(budget: Budget, arms: Sequence[str], root: Path, seed: int) -> dict[str, Any]:
+    t_start = time.monotonic()
+    log(f"writing the synthetic sites in {root} ...")
+    task = make_task(root, seed)
+    inputs = _test_inputs(task, root)
+    runners = {"local": run_local, "centralized": run_centralized}
+    test_sites = list(task.test_sites)
+    rows: list[dict[str, Any]] = []
+    wall: dict[str, float] = {}
+    eval_s: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for arm in arms:
+        log(f"arm {arm} ...")
+        t0 = time.monotonic()
+        try:
+            info = runners[arm](task, budget, root) if arm in runners else run_federated(task, budget, root, arm)
+            wall[arm] = round(time.monotonic() - t0, 1)
+            t0 = time.monotonic()
+            per_model = evaluate(task, info["models"], inputs, root, arm, budget.tta)
+            eval_s[arm] = round(time.monotonic() - t0, 1)
+        except Exception as exc:  # noqa: BLE001 - one failed arm must not lose the others' results
+            errors[arm] = f"{type(exc).__name__}: {exc}"[-3000:]
+            log(f"arm {arm} FAILED: {errors[arm]}")
+            continue
+        arm_rows = rows_for(arm, per_model, test_sites)
+        rows += arm_rows
+        extra[arm] = {k: v for k, v in info.items() if k != "models"}
+        log(f"arm {arm}: training {wall[arm]:.0f} s, evaluation {eval_s[arm]:.0f} s, mean Dice "
+            f"{np.mean([r['dice'] for r in arm_rows]):.3f}")
+    all_means = means(rows)
+    return {
+        "benchmark": "quality",
+        "budget": {**asdict(budget), "epochs_per_training_run": budget.epochs, "configuration": CONFIGURATION,
+                   "fold": FOLD, "trainer": "nnUNetTrainer", "slow_site": SLOW_SITE,
+                   "centralized_iterations_per_epoch": budget.iterations * budget.central_scale,
+                   "device": _device()},
+        "sites": {name: {"n_train": s.n_train, "n_test": s.n_test, "trains": name in task.sites,
+                         **{k: v for k, v in asdict(s.style).items() if k not in ("n_train", "n_test")}}
+                  for name, s in task.test_sites.items()},
+        "rows": rows,
+        "means": all_means,
+        "means_internal": means(rows, list(task.sites)),
+        "targets": check_targets(all_means),
+        "wall_s": wall,
+        "eval_s": eval_s,
+        "arms": extra,
+        "errors": errors,
+        "total_wall_s": round(time.monotonic() - t_start, 1),
+        "seed": seed,
+        "machine": machine(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the CPU budget (default)")
+    size.add_argument("--full", action="store_true", help="nnU-Net's default budget (1000 x 250 iterations), for a GPU")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--rounds", type=int, default=None, help="override the budget's rounds")
+    ap.add_argument("--local-epochs", type=int, default=None, help="override the budget's local epochs")
+    ap.add_argument("--iterations", type=int, default=None, help="override the training iterations per epoch")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="test-time mirroring at prediction (default: off for --quick, on for --full)")
+    ap.add_argument("--central-scale", type=int, default=1,
+                    help="centralized iterations per epoch = iterations x this (default 1: the same as every site)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    ap.add_argument("--dir", default=None, help="work folder, kept (default: a temporary one, removed)")
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; choose from {ARMS}")
+    budget = FULL if args.full else QUICK
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("local_epochs", args.local_epochs),
+                                   ("iterations", args.iterations), ("central_scale", args.central_scale),
+                                   ("tta", args.tta))
+                 if v is not None}
+    budget = replace(budget, **overrides)
+    root = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="fedfs-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
+    with stdout_to_stderr() as real_stdout:
+        try:
+            result = run(budget, arms, root, args.seed)
+            result["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        finally:
+            if not args.dir:
+                shutil.rmtree(root, ignore_errors=True)
+        text = json.dumps(result, indent=1)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        if args.json:
+            real_stdout.write(text + "\n")
+        else:
+            real_stdout.write(format_table(result) + "\n\n" + json.dumps(result["targets"], indent=1) + "\n")
+        real_stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
