@@ -129,9 +129,10 @@ class Store(ABC):
         check_key(key)
         tmp = local_path + ".incomplete"
         with translate_errors(self, key):
-            with open(tmp, "wb") as fh:
-                self._download(key, fh)
-        digest = sha256_file(tmp)
+            with open(tmp, "wb") as raw:
+                fh = _HashingWriter(raw)  # hash while writing: one pass over the payload, not two
+                self._download(key, fh)  # type: ignore[arg-type]
+        digest = fh.hexdigest()
         if expected_sha256 is not None and digest != expected_sha256:
             os.unlink(tmp)
             from ..errors import IntegrityError
@@ -151,6 +152,20 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+class _HashingWriter:
+    """A write-only file wrapper that sha256-hashes what passes through."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh, self._h = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._fh.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def sha256_file(path: str) -> str:
