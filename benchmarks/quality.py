@@ -1,14 +1,14 @@
 """Does federated nnU-Net over a bucket segment as well as centralized nnU-Net? The multi-site table.
 
 A synthetic multi-site 2D segmentation task (one foreground label, ``lesion``), built to be
-hard in the ways real multi-site data is (:data:`TRAIN_SITES`, :data:`EXTERNAL_SITE`):
+hard in the ways real multi-site data is (the styles are in ``_styles``):
 
 * four training sites whose scanners differ in intensity scale and offset (0.05 to 2000
-  raw units per contrast unit), lesion contrast and noise (contrast-to-noise 2.0 to 5.0),
-  pixel spacing (0.7 to 1.5 mm, one anisotropic), lesion size (3 to 20 mm radius) and shape
-  (ellipses, lobulated blobs, up to three lesions), artefacts (bias field, stripes, motion
-  ghosts: an unlabelled copy of the lesion half a field of view away) and case counts
-  (24, 16, 12 and a small site with 6);
+  raw units per contrast unit), lesion contrast and noise (contrast-to-noise 2.0 to 4.0),
+  pixel spacing (0.75 to 1.5 mm, one anisotropic) and matrix size (40 x 48 to 56 x 56),
+  lesion size (2.5 to 15 mm radius) and shape (ellipses, lobulated blobs, up to three
+  lesions), artefacts (bias field, stripes, motion ghosts: an unlabelled copy of the lesion
+  half a field of view away) and case counts (24, 16, 12 and a small site with 6);
 * held-out test cases at every training site, plus one external site that trains nowhere
   (its own scanner, spacing, shapes and artefacts) and is only tested.
 
@@ -61,6 +61,7 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -70,6 +71,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,28 +156,29 @@ def _styles() -> tuple[dict[str, Any], dict[str, Any]]:
     from fedfs.synthetic import SiteStyle
 
     train = {
-        # large site, clean 1.5T-like scanner, medium ellipses
+        # large site, clean scanner, medium ellipses; 48 x 48 at 1 mm (FOV 48 mm)
         "SiteA": SiteStyle(intensity_scale=100.0, intensity_offset=50.0, contrast=1.0, noise=0.3, texture=0.2,
-                           spacing=(1.0, 1.0), radius_mm=(6.0, 12.0), shape="ellipse", bias_field=0.1,
-                           n_train=24, n_test=16),
-        # high-resolution scanner, low contrast, small lobulated lesions (up to 2), strong bias field
+                           spacing=(1.0, 1.0), image_size=(48, 48), radius_mm=(5.0, 10.0), shape="ellipse",
+                           bias_field=0.1, n_train=24, n_test=16),
+        # high-resolution scanner (56 x 56 at 0.75 mm), low contrast, small lobulated lesions (up to 2),
+        # strong bias field
         "SiteB": SiteStyle(intensity_scale=2000.0, intensity_offset=-300.0, contrast=0.8, noise=0.4, texture=0.25,
-                           spacing=(0.7, 0.7), radius_mm=(3.0, 7.0), shape="blob", max_lesions=2,
-                           bias_field=0.4, n_train=16, n_test=16),
-        # anisotropic low-resolution scanner, large ellipses, stripe artefacts
+                           spacing=(0.75, 0.75), image_size=(56, 56), radius_mm=(2.5, 5.5), shape="blob",
+                           max_lesions=2, bias_field=0.4, n_train=16, n_test=16),
+        # anisotropic low-resolution scanner (40 x 48 at 1.5 x 1.1 mm), large ellipses, stripe artefacts
         "SiteC": SiteStyle(intensity_scale=0.05, intensity_offset=1.0, contrast=1.2, noise=0.3, texture=0.2,
-                           spacing=(1.5, 1.1), radius_mm=(10.0, 20.0), shape="ellipse", stripes=0.3,
-                           n_train=12, n_test=16),
-        # small site: noisy, motion ghosts, up to three blobs
+                           spacing=(1.5, 1.1), image_size=(40, 48), radius_mm=(8.0, 15.0), shape="ellipse",
+                           stripes=0.3, n_train=12, n_test=16),
+        # small site (48 x 48 at 1.2 mm): noisy, motion ghosts, up to three blobs
         "SiteD": SiteStyle(intensity_scale=500.0, intensity_offset=0.0, contrast=0.9, noise=0.45, texture=0.2,
-                           spacing=(1.2, 1.2), radius_mm=(5.0, 10.0), shape="blob", max_lesions=3,
-                           ghosting=0.35, bias_field=0.2, n_train=6, n_test=16),
+                           spacing=(1.2, 1.2), image_size=(48, 48), radius_mm=(4.0, 8.0), shape="blob",
+                           max_lesions=3, ghosting=0.35, bias_field=0.2, n_train=6, n_test=16),
     }
     external = {
-        # trains nowhere: its own scanner, spacing, lesion mix and a mixture of the artefacts
+        # trains nowhere: its own scanner (52 x 44 at 0.9 x 1.15 mm), lesion mix and all the artefacts
         "External": SiteStyle(intensity_scale=300.0, intensity_offset=200.0, contrast=0.85, noise=0.35, texture=0.25,
-                              spacing=(0.9, 1.15), radius_mm=(5.0, 14.0), shape="blob", max_lesions=2,
-                              stripes=0.15, bias_field=0.25, ghosting=0.2, n_train=1, n_test=24),
+                              spacing=(0.9, 1.15), image_size=(52, 44), radius_mm=(4.0, 11.0), shape="blob",
+                              max_lesions=2, stripes=0.15, bias_field=0.25, ghosting=0.2, n_train=1, n_test=24),
     }
     return train, external
 
@@ -202,7 +205,7 @@ class Budget:
         return self.rounds * self.local_epochs
 
 
-QUICK = Budget(rounds=6, local_epochs=4, iterations=10, val_iterations=2, buffer_size=3, slow_factor=3.0)
+QUICK = Budget(rounds=24, local_epochs=1, iterations=20, val_iterations=2, buffer_size=3, slow_factor=3.0)
 FULL = Budget(rounds=100, local_epochs=10, iterations=250, val_iterations=50, buffer_size=3, slow_factor=3.0,
               tta=True)
 
@@ -234,7 +237,7 @@ def make_task(root: Path, seed: int) -> Task:
     return Task(root, raw, sites, ext, pooled)
 
 
-# ------------------------------------------------------------------ nnU-Net environment per arm
+# ------------------------------------------------------------------ the slow site, nnU-Net's folders per arm
 
 class SlowMachine(threading.Thread):
     """Make one site's process run ``factor`` times slower, like a slower machine: its process group
@@ -268,10 +271,15 @@ class SlowMachine(threading.Thread):
             pid = self._find()
             if pid is not None:
                 with contextlib.suppress(OSError):
-                    self.pgid = os.getpgid(pid)
+                    pgid = os.getpgid(pid)
+                    if pgid != os.getpgrp():  # simulate starts every party in its own session
+                        self.pgid = pgid
         while self.pgid is not None and not self.stopping.is_set():
             try:
                 os.killpg(self.pgid, signal.SIGSTOP)
+            except OSError:  # the site has exited
+                return
+            try:
                 self.stopping.wait(self.slice_s * (self.factor - 1))
             finally:
                 with contextlib.suppress(OSError):
@@ -325,7 +333,7 @@ def plan_locally(dataset_id: int) -> None:
 
 
 def train_centrally(dataset_id: int, budget: Budget, env: Mapping[str, str], out_dir: Path,
-                    iterations: int | None = None) -> dict[str, Any]:
+                    iterations: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """One plain nnU-Net training run (no federation), exported as a model folder."""
     from fedfs.nnunet_inference import export_model_folder
     from fedfs.nnunet_training import NnunetSession
@@ -334,7 +342,7 @@ def train_centrally(dataset_id: int, budget: Budget, env: Mapping[str, str], out
     session = NnunetSession.create(dataset_id, CONFIGURATION, FOLD, "nnUNetTrainer", device=_device(),
                                    total_epochs=budget.epochs, iterations_per_epoch=iterations or budget.iterations,
                                    val_iterations=budget.val_iterations, env=env,
-                                   num_threads=None if _device() == "cuda" else (os.cpu_count() or 1))
+                                   num_threads=None if _device() == "cuda" else (threads or os.cpu_count() or 1))
     try:
         for _ in range(budget.rounds):  # rounds x local_epochs: the same epochs, logged like a federation
             m = session.train_epochs(budget.local_epochs)
@@ -348,17 +356,26 @@ def train_centrally(dataset_id: int, budget: Budget, env: Mapping[str, str], out
     return {"train_s": round(time.monotonic() - t0, 1), "num_train_cases": n_train}
 
 
+def _local_site(dataset_id: int, budget: Budget, env: Mapping[str, str], out_dir: Path, threads: int) -> dict[str, Any]:
+    """One site's local nnU-Net, start to end (in its own process, like a federated site)."""
+    os.environ.update(env)
+    plan_locally(dataset_id)
+    return train_centrally(dataset_id, budget, env, out_dir, threads=threads)
+
+
 def run_local(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
+    """Every site trains at once, each in its own process with cores / sites torch threads: the CPU
+    share a site gets in ``fedfs simulate``."""
     env = arm_env(task, "local")
-    models = {}
-    with environ(env):
-        for name, site in task.sites.items():
-            log(f"  local: plan and train {name} ({site.n_train} cases)")
-            plan_locally(site.dataset_id)
-            out = work / "models" / "local" / name
-            train_centrally(site.dataset_id, budget, env, out)
-            models[name] = out
-    return {"models": models}
+    threads = max(1, (os.cpu_count() or 1) // len(task.sites))
+    models = {name: work / "models" / "local" / name for name in task.sites}
+    with ProcessPoolExecutor(len(task.sites), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_local_site, site.dataset_id, budget, env, models[name], threads)
+                   for name, site in task.sites.items()}
+        log(f"  local: {', '.join(f'{n} ({s.n_train} cases)' for n, s in task.sites.items())} plan and train, "
+            f"each in its own process")
+        info = {name: f.result() for name, f in futures.items()}
+    return {"models": models, "per_site": info}
 
 
 def run_centralized(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
@@ -371,7 +388,7 @@ def run_centralized(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
     return {"models": {"*": out}, **info}
 
 
-def run_federated(task: Task, budget: Budget, work: Path, arm: str) -> dict[str, Any]:
+def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool = False) -> dict[str, Any]:
     from fedfs.export import export_site_model
     from fedfs.federation import Federation
     from fedfs.simulate import SimulationSpec, simulate
@@ -409,6 +426,9 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str) -> dict[str,
             export_site_model(fed, name, str(task.sites[name].dataset_id), out, configuration=CONFIGURATION,
                               fold=FOLD, trainer="nnUNetTrainer")
             models[name if mode == "asym" else "*"] = out
+    if not keep:  # every round's globals and updates, in the bucket and at every site: GBs at 24 rounds
+        for sub in ("bucket", "work"):
+            shutil.rmtree(fed_dir / sub, ignore_errors=True)
     return {"models": models, "final_version": result["final_version"], "federation_wall_s": result["wall_s"],
             "updates_folded_per_site": {s: len(v) for s, v in contributions.items()},
             "staleness_per_site": contributions}
@@ -577,7 +597,7 @@ def stdout_to_stderr() -> Iterator[Any]:
         os.close(saved)
 
 
-def run(budget: Budget, arms: Sequence[str], root: Path, seed: int) -> dict[str, Any]:
+def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool = False) -> dict[str, Any]:
     t_start = time.monotonic()
     log(f"writing the synthetic sites in {root} ...")
     task = make_task(root, seed)
@@ -593,13 +613,15 @@ def run(budget: Budget, arms: Sequence[str], root: Path, seed: int) -> dict[str,
         log(f"arm {arm} ...")
         t0 = time.monotonic()
         try:
-            info = runners[arm](task, budget, root) if arm in runners else run_federated(task, budget, root, arm)
+            info = (runners[arm](task, budget, root) if arm in runners
+                    else run_federated(task, budget, root, arm, keep))
             wall[arm] = round(time.monotonic() - t0, 1)
             t0 = time.monotonic()
             per_model = evaluate(task, info["models"], inputs, root, arm, budget.tta)
             eval_s[arm] = round(time.monotonic() - t0, 1)
         except Exception as exc:  # noqa: BLE001 - one failed arm must not lose the others' results
-            errors[arm] = f"{type(exc).__name__}: {exc}"[-3000:]
+            text = f"{type(exc).__name__}: {exc}"
+            errors[arm] = text if len(text) <= 3000 else text[:1000] + " [...] " + text[-2000:]
             log(f"arm {arm} FAILED: {errors[arm]}")
             continue
         arm_rows = rows_for(arm, per_model, test_sites)
@@ -648,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    ap.add_argument("--keep-federations", action="store_true",
+                    help="keep each federation's bucket and site folders (GBs) after export")
     args = ap.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -663,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     with stdout_to_stderr() as real_stdout:
         try:
-            result = run(budget, arms, root, args.seed)
+            result = run(budget, arms, root, args.seed, args.keep_federations)
             result["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         finally:
             if not args.dir:

@@ -45,6 +45,8 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("faults", "faults.py", ("--json", "--quick"),
      "crashes (kill -9), storage outages, concurrent aggregators, skewed clocks and hostile inputs: "
      "what got through"),
+    ("cli_startup", "cli_startup.py", ("--json",),
+     "how fast `fedfs --help` answers, and that it loads neither torch nor nnU-Net"),
     ("quality", "quality.py", ("--json",),
      "Dice and HD95 of local, centralized, FFE, AsymFedAvg and async FedBuff nnU-Net on a synthetic "
      "multi-site task with an external test site"),

@@ -1,14 +1,15 @@
 """Synthetic 2D nnU-Net datasets for tests, the demo and benchmarks: one per site, heterogeneous.
 
 Each site is a raw nnU-Net dataset (``DatasetXXX_Name/dataset.json``, ``imagesTr/CASE_0000.nii.gz``,
-``labelsTr/CASE.nii.gz``) of 64x64 single-channel images with one foreground label, ``lesion``.
+``labelsTr/CASE.nii.gz``) of single-channel images (64x64 unless the site's style sets
+``image_size``) with one foreground label, ``lesion``.
 Images are written as 2D NIfTI files: nnU-Net's ``SimpleITKIO`` reads a 2D file as one slice
 with a dummy out-of-plane spacing (999 x the in-plane spacing), plans a ``2d`` configuration
 for it and writes 2D predictions back, which is what nnU-Net's documentation recommends for
 2D data in NIfTI.
 
 Sites differ the way hospitals do (:class:`SiteStyle`): intensity scale and offset, contrast,
-noise, pixel spacing, lesion size and shape (ellipses or lobulated blobs), a multiplicative
+noise, pixel spacing, matrix size, lesion size and shape (ellipses or lobulated blobs), a multiplicative
 bias field, stripe artefacts, motion ghosts (a faint copy shifted by about half the field of
 view, lesions included but unlabelled), and case counts. The channel is named ``"MRI"`` so nnU-Net
 z-scores every image: a per-case normalisation is what makes such different scanners
@@ -64,6 +65,7 @@ class SiteStyle:
     bias_field: float = 0.0                # amplitude of a smooth multiplicative field
     stripes: float = 0.0                   # amplitude of sinusoidal stripes, contrast units
     ghosting: float = 0.0                  # amplitude of a motion ghost: a copy shifted by ~half the FOV
+    image_size: tuple[int, int] = IMAGE_SIZE  # (rows, columns) of the site's acquisition matrix
     n_train: int = 12
     n_test: int = 4
     channel_name: str = "MRI"              # anything but "CT" gives nnU-Net's per-case z-score
@@ -222,7 +224,7 @@ def make_site(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: 
 
     rng = np.random.default_rng([int(seed), int(dataset_id)])
     for i in range(n_train + n_test):
-        img, seg = make_case(rng, style)
+        img, seg = make_case(rng, style, tuple(style.image_size))
         case = f"{name}_{i:03d}"
         train = i < n_train
         img_dir = dataset_dir / "imagesTr" if train else images_ts
