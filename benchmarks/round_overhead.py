@@ -650,7 +650,8 @@ def idle_summary(polls: dict[str, Any], at: tuple[int, int]) -> dict[str, Any]:
 BACKENDS = (("folder-inotify", "inotify"), ("folder-poll", "poll"), ("s3-moto", "poll"))
 
 
-def bench(rounds: int, poll_interval: float, sleep_s: float, idle_at: tuple[int, int], root: Path) -> dict[str, Any]:
+def bench(rounds: int, poll_interval: float, sleep_s: float, idle_at: tuple[int, int], root: Path,
+          backends: list[str] | None = None) -> dict[str, Any]:
     keys = make_keys(root / "keys")
     rows, idle_polls, bytes_report = [], {}, {}
     with MotoS3() as moto:
@@ -663,6 +664,8 @@ def bench(rounds: int, poll_interval: float, sleep_s: float, idle_at: tuple[int,
         idle_polls["s3"] = idle_summary(s3_polls, idle_at)
         log(f"idle polls on moto S3 to v{idle_at[1]}: {time.monotonic() - idle_t0:.1f} s")
         for backend, watch in BACKENDS:
+            if backends and backend not in backends:
+                continue
             t0, load0 = time.monotonic(), os.getloadavg()[0]
             url = moto.new_bucket() if backend.startswith("s3") else str(root / f"bucket-{backend}")
             interval = INOTIFY_SAFETY_NET_S if watch == "inotify" else poll_interval
@@ -772,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-interval", type=float, default=1.0)
     ap.add_argument("--sleep", type=float, default=0.5, help="seconds of 'training' per round")
     ap.add_argument("--idle-at", type=int, nargs=2, default=(1, 50), metavar=("EARLY", "LATE"))
+    ap.add_argument("--backends", nargs="+", choices=[b for b, _ in BACKENDS], default=None,
+                    help="measure detection on these backends only (default: all); idle polls are always "
+                         "measured, bytes with s3-moto")
     ap.add_argument("--party", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.party:
@@ -788,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="fedfs-round-overhead-"))
     try:
-        out = bench(rounds, args.poll_interval, args.sleep, tuple(args.idle_at), root)
+        out = bench(rounds, args.poll_interval, args.sleep, tuple(args.idle_at), root, backends=args.backends)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out["targets"] = check_targets(out)

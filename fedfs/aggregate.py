@@ -61,7 +61,7 @@ import torch
 
 from .align import SiteShare, group_keys
 from .errors import ConfigError, SchemaError, ValidationError
-from .weights import (ALLOWED_DTYPES, FLOAT_DTYPES, MAX_HEADER, Shape, WeightsInfo, check_finite, check_shapes,
+from .weights import (ALLOWED_DTYPES, all_finite, torch_single_thread, FLOAT_DTYPES, MAX_HEADER, Shape, WeightsInfo, check_finite, check_shapes,
                       inspect_weights, read_at, safetensors_header)
 
 __all__ = [
@@ -364,22 +364,6 @@ def _segments(outs: Sequence[Out], data_start: int, offsets: Sequence[int]) -> l
     return [s for s in segs if s.nel]
 
 
-@contextlib.contextmanager
-def _torch_single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _isfinite(x: torch.Tensor) -> bool:
-    if x.dtype in (torch.float32, torch.float64) and math.isfinite(float(x.sum())):
-        return True  # a finite sum implies finite elements; else look closer
-    return bool(torch.isfinite(x).all())
-
-
 class _Worker:
     """One thread's file handles and buffers (input, accumulator, converted output), reused per chunk."""
 
@@ -427,7 +411,7 @@ class _Worker:
         if seg.dtype != acc_name:
             view, result = self.oview, self.o[seg.dtype][:n]
             result.copy_(acc)
-        if seg.kind == "lin" and not _isfinite(result):
+        if seg.kind == "lin" and not all_finite(result):
             raise NonFinite(seg)
         item = ALLOWED_DTYPES[seg.dtype][0]
         data, pos = view[:n * item], seg.out_offset + start * item
@@ -481,7 +465,7 @@ def execute(outs: Sequence[Out], sources: Sequence[str], out_path: str, metadata
                 stop.set()
 
         n_threads = max(1, min(threads or _THREADS, len(units)))
-        with _torch_single_thread():
+        with torch_single_thread():
             pool = [threading.Thread(target=loop, daemon=True) for _ in range(n_threads - 1)]
             for t in pool:
                 t.start()

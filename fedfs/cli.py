@@ -105,7 +105,13 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--buffer-size", type=int, default=0, help="FedBuff K (async); 0 = number of sites.")
 @click.option("--min-sites", type=int, default=0, help="Sync: after --deadline, aggregate with at least this many.")
 @click.option("--deadline", "deadline_s", type=float, default=0.0, help="Sync: seconds to wait for slow sites (0 = forever).")
-@click.option("--max-staleness", type=int, default=8, show_default=True)
+@click.option("--max-staleness", type=int, default=8, show_default=True,
+              help="Async: updates more than this many versions behind are dropped.")
+@click.option("--staleness", type=click.Choice(["inverse_sqrt", "constant", "polynomial", "hinge"]),
+              default="inverse_sqrt", show_default=True,
+              help="Async: weight of an update t versions behind (inverse_sqrt: 1/sqrt(1+t); "
+                   "polynomial: (1+t)^-a; hinge: 1 up to b, then 1/(a(t-b)+1); constant: 1).")
+@click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness.")
 @click.option("--weighting", type=click.Choice(["cases", "uniform"]), default="cases", show_default=True)
 @click.option("--update-norm-limit", type=float, default=0.0, show_default=True,
               help="Reject updates with ||update - base|| > LIMIT x ||base|| (0 = off; see docs/security.md).")
