@@ -64,8 +64,10 @@ def relative_change(path: str, base_path: str) -> float:
     """||x - base|| / ||base|| over the float tensors both files hold, one tensor at a time."""
     from safetensors import safe_open
 
+    from .weights import torch_single_thread
+
     num = den = 0.0
-    with safe_open(path, framework="pt") as fx, safe_open(base_path, framework="pt") as fb:
+    with safe_open(path, framework="pt") as fx, safe_open(base_path, framework="pt") as fb, torch_single_thread():
         base_keys = set(fb.keys())
         for k in fx.keys():
             if k not in base_keys:
