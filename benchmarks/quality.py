@@ -27,9 +27,14 @@ fold 0 of nnU-Net's own 5-fold split:
   one site (``slow_site``) runs on a ``slow_factor`` times slower machine: its process
   group gets one time slice in ``slow_factor`` (SIGSTOP/SIGCONT, :class:`SlowMachine`). Its
   budget is the same, but it folds fewer and staler updates in before the last global is out.
-  Stale updates are weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1): on this
-  task fedfs's default ``1 / sqrt(1 + staleness)`` lost 0.06 mean Dice to sync FFE and no
-  discount 0.41 (their full-weight deltas overshoot when applied to a newer global).
+  Stale updates are weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). What made
+  async match sync is that a site's nnU-Net learning rate follows the federation's progress
+  (fedfs does this by default, :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`): before,
+  the slow site trained at epoch 2-6 learning rates while the others were at epoch 15-23, and its
+  large deltas shook the nearly converged global. Measured on the way (one run each, slow
+  SiteA): async - sync mean Dice was -0.07 with ``1/(1+staleness)``, -0.11 with a hinge that
+  all but ignored the slow site, -0.06 with the default ``1/sqrt(1+staleness)`` and -0.41 with
+  no discount; -0.045 with the small SiteD slow; -0.012 once the learning rate followed.
 
 A federation as a whole therefore computes ``n_sites`` times the gradient steps of the
 centralized run: that is nnU-Net's convention (a fixed epochs x iterations budget per
@@ -210,6 +215,7 @@ class Budget:
     slow_site: str = "SiteA"   # which site is slow in the async arm
     staleness: str = "polynomial"  # FedBuff's staleness weight s(tau) for the async arm: (tau + 1) ** -a
     staleness_a: float = 1.0
+    staleness_b: float = 4.0
     tta: bool = False          # nnU-Net's test-time mirroring at prediction (its default; 5x slower on CPU)
     central_scale: int = 1     # centralized iterations per epoch = iterations x central_scale
 
@@ -421,7 +427,8 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool =
     if fed_dir.exists():
         shutil.rmtree(fed_dir)
     if aggregation == "async":
-        spec = replace(spec, staleness=budget.staleness, staleness_a=budget.staleness_a)
+        spec = replace(spec, staleness=budget.staleness, staleness_a=budget.staleness_a,
+                       staleness_b=budget.staleness_b)
     slow = (SlowMachine(fed_dir / "keys" / f"{budget.slow_site}.key", budget.slow_factor)
             if aggregation == "async" else None)
     if slow is not None:
@@ -688,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--staleness", default=None, choices=("inverse_sqrt", "constant", "polynomial", "hinge"),
                     help="FedBuff staleness weight of the async arm (default polynomial)")
     ap.add_argument("--staleness-a", type=float, default=None, help="its parameter a (default 1)")
+    ap.add_argument("--staleness-b", type=float, default=None, help="its parameter b (hinge; default 4)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -705,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    ("iterations", args.iterations), ("central_scale", args.central_scale),
                                    ("tta", args.tta), ("slow_site", args.slow_site),
                                    ("slow_factor", args.slow_factor), ("staleness", args.staleness),
-                                   ("staleness_a", args.staleness_a))
+                                   ("staleness_a", args.staleness_a),
+                                   ("staleness_b", args.staleness_b))
                  if v is not None}
     budget = replace(budget, **overrides)
     root = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="fedfs-quality-"))

@@ -112,6 +112,7 @@ def keygen(name: str, role: str, out_dir: str) -> None:
               help="Async: weight of an update t versions behind (inverse_sqrt: 1/sqrt(1+t); "
                    "polynomial: (1+t)^-a; hinge: 1 up to b, then 1/(a(t-b)+1); constant: 1).")
 @click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness.")
+@click.option("--staleness-b", type=float, default=4.0, show_default=True, help="Async: b of --staleness hinge.")
 @click.option("--weighting", type=click.Choice(["cases", "uniform"]), default="cases", show_default=True)
 @click.option("--update-norm-limit", type=float, default=0.0, show_default=True,
               help="Reject updates with ||update - base|| > LIMIT x ||base|| (0 = off; see docs/security.md).")

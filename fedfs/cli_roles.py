@@ -337,6 +337,7 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--staleness", type=click.Choice(["inverse_sqrt", "constant", "polynomial", "hinge"]),
               default="inverse_sqrt", show_default=True, help="Async: weight of a stale update (see `fedfs init`).")
 @click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness.")
+@click.option("--staleness-b", type=float, default=4.0, show_default=True, help="Async: b of --staleness hinge.")
 @click.option("-c", "configuration", default="2d", show_default=True)
 @click.option("-f", "fold", default="0", show_default=True)
 @click.option("-tr", "trainer", default="nnUNetTrainer", show_default=True)
@@ -347,7 +348,7 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end.")
 def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epochs, buffer_size, staleness,
-             staleness_a, configuration,
+             staleness_a, staleness_b, configuration,
              fold, trainer, iterations_per_epoch, val_iterations, no_final_validation, poll_interval, timeout_s,
              as_json) -> None:
     """Simulate a federation on one machine: the aggregator and each site as its own process.
@@ -374,7 +375,7 @@ def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epoch
     root = Path(workdir or tempfile.mkdtemp(prefix="fedfs-sim-"))
     spec = SimulationSpec(datasets=datasets, mode=mode, rounds=rounds, local_epochs=local_epochs,
                           aggregation=aggregation, buffer_size=buffer_size, staleness=staleness,
-                          staleness_a=staleness_a, configuration=configuration, fold=fold,
+                          staleness_a=staleness_a, staleness_b=staleness_b, configuration=configuration, fold=fold,
                           trainer=trainer, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
                           final_validation=not no_final_validation, poll_interval=poll_interval)
     result = run_simulation(spec, workdir=root, bucket=bucket, env=nnunet_environment(root),

@@ -280,9 +280,15 @@ class NnunetSession:
             self._split_sizes = (len(tr), len(val))
         return self._split_sizes
 
-    def train_epochs(self, n: int = 1) -> dict[str, Any]:
+    def train_epochs(self, n: int = 1, *, schedule_epoch: int | None = None) -> dict[str, Any]:
         """Run ``n`` epochs of nnU-Net's own loop (``nnUNetTrainer.run_training``'s body), then
         save ``checkpoint_latest.pth`` so a restarted site resumes after them.
+
+        ``schedule_epoch``: where the federation's training stands (the global's version x local
+        epochs). When it is ahead of this trainer's own epoch (a site that missed rounds, or a
+        slow site in asynchronous training) the poly learning rate is taken from there, so the
+        site anneals with the federation instead of pushing large early-schedule steps into a
+        nearly converged global. The epoch counter, checkpoints and logs are nnU-Net's as usual.
 
         Returns the last epoch's metrics: ``train_loss``, ``val_loss``, ``pseudo_dice`` (nnU-Net's
         EMA pseudo Dice, mean over foreground), ``mean_fg_dice`` (that epoch's raw value),
@@ -302,9 +308,11 @@ class NnunetSession:
         started = time.perf_counter()
         with nnunet_env(self.env):
             self._start()
-            for _ in range(n):
+            for done in range(n):
                 t.on_epoch_start()
                 t.on_train_epoch_start()
+                if schedule_epoch is not None:
+                    self._follow_schedule(schedule_epoch + done)
                 train_outputs = [t.train_step(next(t.dataloader_train)) for _ in range(t.num_iterations_per_epoch)]
                 t.on_train_epoch_end(train_outputs)
                 with torch.no_grad():
@@ -332,6 +340,17 @@ class NnunetSession:
             "num_val_cases": n_val,
             "iterations_per_epoch": int(t.num_iterations_per_epoch),
         }
+
+    def _follow_schedule(self, epoch: int) -> None:
+        """Set the learning rate nnU-Net's scheduler gives ``epoch`` when that is ahead of ours."""
+        t = self.trainer
+        epoch = min(epoch, t.num_epochs - 1)
+        if epoch <= t.current_epoch:
+            return
+        t.lr_scheduler.step(epoch)
+        lr = t.optimizer.param_groups[0]["lr"]
+        t.logger.log("lrs", lr, t.current_epoch)
+        t.print_to_log_file(f"fedfs: the federation is at epoch {epoch}; learning rate {lr:.5f} from there")
 
     def save_checkpoint(self, name: str = "checkpoint_latest.pth") -> Path:
         """Write nnU-Net's checkpoint of the current state, atomically (temporary file, then rename).

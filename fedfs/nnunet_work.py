@@ -45,6 +45,7 @@ class NnunetWork:
         self.mode = mode
         self.session = None
         self._num_cases: int | None = None
+        self._progress: int | None = None  # the federation's progress in epochs (follow_progress)
 
     @property
     def num_cases(self) -> int:
@@ -113,12 +114,17 @@ class NnunetWork:
 
         save_weights(path, self.session.weights(), {"kind": "initial", "trainer": self.o.trainer})
 
+    def follow_progress(self, epoch: int) -> None:
+        """The federation's progress in epochs (base version x local epochs): the next round's
+        learning rate follows it when it is ahead of this site's own epoch count."""
+        self._progress = epoch
+
     def train_round(self, global_path: str, epochs: int, update_path: str) -> dict[str, float]:
         from .weights import load_weights, save_weights
 
         tensors, _ = load_weights(global_path)
         self.session.load_weights(tensors)
-        metrics = self.session.train_epochs(epochs)
+        metrics = self.session.train_epochs(epochs, schedule_epoch=self._progress)
         save_weights(update_path, self.session.weights(), {"kind": "update", "epoch": str(self.session.epoch)})
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 

@@ -40,6 +40,7 @@ class SimulationSpec:
     max_staleness: int = 8
     staleness: str = "inverse_sqrt"  # FedBuff's staleness weight (async), see FederationConfig
     staleness_a: float = 0.5
+    staleness_b: float = 4.0
     configuration: str = "2d"
     fold: str = "0"
     trainer: str = "nnUNetTrainer"
@@ -95,7 +96,8 @@ def simulate(
     config, agg = config_from_key_dir(
         keys, sites, mode=spec.mode, configuration=spec.configuration, rounds=spec.rounds,
         local_epochs=spec.local_epochs, aggregation=spec.aggregation, buffer_size=spec.buffer_size,
-        max_staleness=spec.max_staleness, staleness=spec.staleness, staleness_a=spec.staleness_a)
+        max_staleness=spec.max_staleness, staleness=spec.staleness, staleness_a=spec.staleness_a,
+        staleness_b=spec.staleness_b)
     fed, created = Federation.create(url, config, agg, storage_options=storage_options)
     say(f"federation {'created' if created else 'resumed'} at {url}: {spec.mode}, {spec.aggregation}, "
         f"{len(sites)} sites, {spec.rounds} rounds")

@@ -73,6 +73,10 @@ class LocalWork(Protocol):
     def checkpoint(self) -> None:
         """Persist the trainer's own state (epoch, optimizer, logger) for a restart."""
 
+    # Optional: ``follow_progress(epoch)``, called before each ``train_round`` with the
+    # federation's progress in epochs (base version x local epochs), for trainers whose
+    # learning-rate schedule depends on progress (nnU-Net's poly schedule).
+
     def finish(self, global_path: str) -> dict[str, Any]:
         """Load the final global, run the trainer's final steps; return a summary."""
 
@@ -288,6 +292,9 @@ class Site:
         epochs = self.config.local_epochs
         self.state.training = {"round": round_, "base": base, "epoch_before": int(getattr(self.work, "epoch", 0))}
         self._save()
+        follow = getattr(self.work, "follow_progress", None)
+        if follow is not None:
+            follow(base * epochs)
         metrics = self.work.train_round(gpath, epochs, str(out))
         faults.point("site.mid_training")
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

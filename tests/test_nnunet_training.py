@@ -205,3 +205,24 @@ def test_export_from_plans_without_a_trainer(site, tmp_path):
         export_model_folder(from_files, {}, tmp_path / "bad")
     s.close()
     assert os.listdir(tmp_path / "m" / "fold_all") == ["checkpoint_final.pth"]
+
+
+def test_learning_rate_follows_the_federation_when_ahead(site):
+    """A site behind the federation (slow, or it missed rounds) takes the poly learning rate of
+    the federation's epoch; its own epoch counter, checkpoint and log stay nnU-Net's."""
+    s = _session(total_epochs=10)
+    try:
+        t = s.trainer
+        poly = [t.initial_lr * (1 - e / 10) ** 0.9 for e in range(10)]
+        m = s.train_epochs(1, schedule_epoch=6)
+        assert m["epoch"] == 1
+        assert m["lr"] == pytest.approx(poly[6])
+        assert t.logger.get_value("lrs", step=None) == pytest.approx([poly[6]])
+        m = s.train_epochs(1, schedule_epoch=0)  # behind the site's own epoch: nnU-Net's own schedule
+        assert m["epoch"] == 2 and m["lr"] == pytest.approx(poly[1])
+        m = s.train_epochs(2, schedule_epoch=50)  # past the end: the schedule's last epoch
+        assert m["epoch"] == 4 and m["lr"] == pytest.approx(poly[9])
+        assert torch.load(s.output_folder / "checkpoint_latest.pth", weights_only=False)["current_epoch"] == 4
+    finally:
+        (s.output_folder / "checkpoint_latest.pth").unlink(missing_ok=True)
+        s.close()
