@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -102,8 +103,10 @@ class Aggregator:
         self._plans: dict[str, PlansDocument] = {}
         self._rejected: dict[str, str] = self._load_rejections()
         self._rejected_bases: dict[str, tuple[str, int]] = {}
-        self._verified: dict[str, tuple[str, str]] = {}
-        self._cases: dict[str, int | None] = {}  # update key -> (manifest sha256, verified local file)
+        self._verified: dict[str, tuple[str, str]] = {}  # update key -> (manifest sha256, verified local file)
+        self._cases: dict[str, int | None] = {}
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_locks_guard = threading.Lock()
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -266,10 +269,13 @@ class Aggregator:
                           version=new.version, extra={"sites": [x.site for x in new.contributions]})
 
     def _scan_updates(self, next_rounds: dict[str, int]) -> tuple[list[Pending], dict[str, int], dict[str, tuple]]:
-        """Verify every update from each site's cursor on; stop at the first missing one."""
-        pending: list[Pending] = []
+        """Verify every update from each site's cursor on; stop at the first missing one.
+
+        Manifests are read site by site; the payloads new since the last poll are then
+        downloaded and checked concurrently (hashing, copying and the NaN scan release the
+        GIL), so several updates landing together cost about one update's time."""
+        found: list[tuple[str, int, str, Any]] = []  # (site, round, key, signed manifest)
         cursor: dict[str, int] = {}
-        local: dict[str, tuple] = {}
         for site in self.config.site_names:
             r = next_rounds.get(site, 0)
             while True:
@@ -287,21 +293,52 @@ class Aggregator:
                     self._reject(key, str(exc))
                     r += 1
                     continue
-                try:
-                    cached = self._verified.get(key)
-                    if cached is not None and cached[0] == signed.raw_sha256:
-                        path = cached[1]  # verified on an earlier poll: the same bytes, not re-read
-                    else:
-                        path = self._verify_update(site, signed.doc)
-                        self._verified[key] = (signed.raw_sha256, path)
-                    pending.append(Pending(site, r, signed.doc.base_version, key))
-                    local[key] = (signed.doc, path)
-                except ValidationError as exc:
-                    self._reject(key, str(exc))
-                    self._rejected_bases[key] = (site, signed.doc.base_version)
+                found.append((site, r, key, signed))
                 r += 1
             cursor[site] = r
+        fresh = [(site, key, signed) for site, _r, key, signed in found
+                 if self._verified.get(key, ("",))[0] != signed.raw_sha256]
+        outcome = self._verify_all(fresh)
+        pending: list[Pending] = []
+        local: dict[str, tuple] = {}
+        for site, r, key, signed in found:
+            if key in outcome:
+                result = outcome[key]
+                if isinstance(result, ValidationError):
+                    self._reject(key, str(result))
+                    self._rejected_bases[key] = (site, signed.doc.base_version)
+                    continue
+                self._verified[key] = (signed.raw_sha256, result)
+            pending.append(Pending(site, r, signed.doc.base_version, key))
+            local[key] = (signed.doc, self._verified[key][1])
         return pending, cursor, local
+
+    def _verify_all(self, todo: list[tuple[str, str, Any]]) -> dict[str, str | ValidationError]:
+        """Verify updates (concurrently when there are several): key -> local path, or the
+        ValidationError that rejects it. Other errors (storage trouble) propagate."""
+        for site in sorted({site for site, _k, _s in todo}):  # warm the per-site caches on this thread
+            try:
+                self._plans_of(site)
+                self._declared_cases(site)
+                self._site_shapes(site)
+            except ValidationError:
+                pass  # raised again, per update, by _verify_update below
+
+        def one(item: tuple[str, str, Any]) -> str | ValidationError:
+            site, _key, signed = item
+            try:
+                return self._verify_update(site, signed.doc)
+            except ValidationError as exc:
+                return exc
+
+        if len(todo) < 2:
+            return {key: one((site, key, signed)) for site, key, signed in todo}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(todo), max(2, os.cpu_count() or 2), 4),
+                                thread_name_prefix="fedfs-verify") as pool:
+            results = list(pool.map(one, todo))
+        return {key: res for (_site, key, _signed), res in zip(todo, results)}
 
     def _declared_cases(self, site: str) -> int | None:
         """The case count a site committed to before training (FFE census, or its plans document);
@@ -357,13 +394,17 @@ class Aggregator:
         return path
 
     def _fetch(self, ref: BlobRef) -> str:
-        """A verified local copy of a blob (cached by sha256)."""
+        """A verified local copy of a blob (cached by sha256; safe to call from several threads)."""
         # Embedded documents are not validated by from_dict: the sha256 must be hex before it names a local
         # file, or "../out/v000001/global.safetensors" would make a file already on disk pass as the payload.
         ref.validate(self.fed.store.describe(ref.key))
         path = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
         if not path.exists():
-            self.bucket.get_blob_file(ref, str(path))
+            with self._fetch_locks_guard:
+                lock = self._fetch_locks.setdefault(str(path), threading.Lock())
+            with lock:  # one download per blob, however many threads want it
+                if not path.exists():
+                    self.bucket.get_blob_file(ref, str(path))
         return str(path)
 
     def _aggregate(self, version: int, chosen: list[Pending], local: dict[str, tuple], cursor: dict[str, int], decision):
