@@ -43,17 +43,34 @@ def mount_type(path: str) -> str:
 
 
 class Trigger:
-    """Polling: wake every ``poll_interval`` seconds (or when :meth:`poke` is called)."""
+    """Polling: wake on the next multiple of ``poll_interval`` of the wall clock (or when
+    :meth:`poke` is called).
+
+    Polls fall on a shared grid (Unix time divisible by the interval) rather than one
+    interval after each party's last step. With clocks kept by NTP, every party polls at
+    the same instants, so a global the aggregator publishes within an interval of seeing
+    the last update reaches every site at the next tick: one interval plus the work,
+    instead of the aggregator's wait plus each site's own phase, which in synchronous
+    rounds tends to lock just behind the aggregator's publication. A skewed clock only
+    shifts that party's phase: it polls as often as before.
+    """
 
     kind = "poll"
 
-    def __init__(self, poll_interval: float) -> None:
+    def __init__(self, poll_interval: float, *, clock: Callable[[], float] = time.time) -> None:
         self.poll_interval = poll_interval
+        self._clock = clock
         self._event = threading.Event()
 
+    def next_delay(self) -> float:
+        """Seconds to the next tick of the grid."""
+        if self.poll_interval <= 0:
+            return 0.0
+        return max(0.001, self.poll_interval - self._clock() % self.poll_interval)
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until poked or ``timeout`` (default poll_interval); True if poked."""
-        fired = self._event.wait(self.poll_interval if timeout is None else timeout)
+        """Block until poked or ``timeout`` (default: the next tick); True if poked."""
+        fired = self._event.wait(self.next_delay() if timeout is None else timeout)
         self._event.clear()
         return fired
 
