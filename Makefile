@@ -6,8 +6,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-# The CPU build of torch; an unpinned install would pull a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.fedfs-installed
 PYTEST_ARGS ?=
 
@@ -17,8 +15,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing torch (CPU) and fedfs into $(VENV) ..."
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
+	@echo "installing fedfs, nnU-Net and torch into $(VENV) ..."
 	@$(PIP) install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import fedfs, torch, nnunetv2, moto, s3fs, smbprotocol, pytest" || (echo "install failed" >&2; exit 1)
 	@touch $(STAMP)

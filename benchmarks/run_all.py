@@ -5,7 +5,8 @@ stderr). This runner starts each one as a subprocess with this interpreter, stor
 printed under ``benchmarks/results/<name>.json`` (and ``<name>.log``: its stderr), records
 the command, exit code and wall time in ``benchmarks/results/run_all.json``, and renders
 ``docs/benchmarks.md``: the machine, one section per benchmark with its tables and the command
-that made them. A script that does not exist yet is listed as missing; one that fails or
+that made them, after ``benchmarks/notes.md`` (hand-written remarks: repeats, variance, caveats).
+A script that does not exist yet is listed as missing; one that fails or
 prints no JSON is listed with the end of its stderr; neither stops the run.
 
     python benchmarks/run_all.py                   # all, quick forms (what `make bench` runs)
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
+NOTES = HERE / "notes.md"  # included in the page as written
 
 #: name, script, quick arguments, what it measures
 BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -301,6 +303,8 @@ def render_page(records: Mapping[str, Mapping[str, Any]], mach: Mapping[str, Any
     if (mach.get("load_avg_1m") or 0) > (mach.get("cores") or 1):
         lines += ["The machine was shared with other work while these ran (load average above the core "
                   "count), so wall times are upper bounds.", ""]
+    if NOTES.is_file():  # hand-written: what a run alone does not show (repeats, variance, caveats)
+        lines += [NOTES.read_text().strip(), ""]
     summary = []
     for name, script, args, what in BENCHMARKS:
         r = records.get(name, {})
