@@ -27,14 +27,15 @@ fold 0 of nnU-Net's own 5-fold split:
   one site (``slow_site``) runs on a ``slow_factor`` times slower machine: its process
   group gets one time slice in ``slow_factor`` (SIGSTOP/SIGCONT, :class:`SlowMachine`). Its
   budget is the same, but it folds fewer and staler updates in before the last global is out.
-  Stale updates are weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). What made
-  async match sync is that a site's nnU-Net learning rate follows the federation's progress
-  (fedfs does this by default, :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`): before,
-  the slow site trained at epoch 2-6 learning rates while the others were at epoch 15-23, and its
-  large deltas shook the nearly converged global. Measured on the way (one run each, slow
-  SiteA): async - sync mean Dice was -0.07 with ``1/(1+staleness)``, -0.11 with a hinge that
-  all but ignored the slow site, -0.06 with the default ``1/sqrt(1+staleness)`` and -0.41 with
-  no discount; -0.045 with the small SiteD slow; -0.012 once the learning rate followed.
+  Stale updates are weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). A site's
+  nnU-Net learning rate follows the federation's progress (fedfs does this by default,
+  :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`): without it the slow site trains at
+  epoch 2-6 learning rates while the others are at epoch 15-23, and its large deltas shake the
+  nearly converged global. Measured on the way, before that (one run each, slow SiteA): async -
+  sync mean Dice was -0.07 with ``1/(1+staleness)``, -0.11 with a hinge that all but ignored the
+  slow site, -0.06 with the default ``1/sqrt(1+staleness)`` and -0.41 with no discount; -0.045
+  with the small SiteD slow. With it: -0.012 to -0.084 over five runs, mean -0.047 (the arm
+  varies far more than the synchronous ones; benchmarks/notes.md).
 
 A federation as a whole therefore computes ``n_sites`` times the gradient steps of the
 centralized run: that is nnU-Net's convention (a fixed epochs x iterations budget per
