@@ -80,7 +80,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -566,31 +565,13 @@ def check_targets(m: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
 # ------------------------------------------------------------------ machine and output
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_gb = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
-    versions = {}
-    for mod in ("torch", "nnunetv2"):
-        with contextlib.suppress(Exception):
-            from importlib.metadata import version
+    """:func:`run_all.machine` (this folder's runner); called at the end, so its load average is the run's last."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from run_all import machine as describe
 
-            versions[mod] = version(mod)
-    gpu = None
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "gpu": gpu, "python": platform.python_version(),
-            **versions, "platform": platform.platform(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
+    return describe()
 
 
 def format_table(result: Mapping[str, Any]) -> str:

@@ -61,8 +61,8 @@ import torch
 
 from .align import SiteShare, group_keys
 from .errors import ConfigError, SchemaError, ValidationError
-from .weights import (ALLOWED_DTYPES, all_finite, torch_single_thread, FLOAT_DTYPES, MAX_HEADER, Shape, WeightsInfo, check_finite, check_shapes,
-                      inspect_weights, read_at, safetensors_header)
+from .weights import (ALLOWED_DTYPES, FLOAT_DTYPES, MAX_HEADER, Shape, WeightsInfo, all_finite, check_finite,
+                      check_shapes, inspect_weights, read_at, safetensors_header, torch_single_thread)
 
 __all__ = [
     "Staleness", "FedAvg", "FedBuff", "FedAsync", "Update", "Contribution", "Rejection",
