@@ -25,17 +25,19 @@ fold 0 of nnU-Net's own 5-fold split:
 * ``asym_sync``: fedfs AsymFedAvg, synchronous, every site on its own plans;
 * ``ffe_async``: fedfs FFE with asynchronous FedBuff (buffer K = ``buffer_size``) where
   one site (``slow_site``) runs on a ``slow_factor`` times slower machine: its process
-  group gets one time slice in ``slow_factor`` (SIGSTOP/SIGCONT, :class:`SlowMachine`). Its
-  budget is the same, but it folds fewer and staler updates in before the last global is out.
-  Stale updates are weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). A site's
-  nnU-Net learning rate follows the federation's progress (fedfs does this by default,
-  :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`): without it the slow site trains at
-  epoch 2-6 learning rates while the others are at epoch 15-23, and its large deltas shake the
-  nearly converged global. Measured on the way, before that (one run each, slow SiteA): async -
-  sync mean Dice was -0.07 with ``1/(1+staleness)``, -0.11 with a hinge that all but ignored the
-  slow site, -0.06 with the default ``1/sqrt(1+staleness)`` and -0.41 with no discount; -0.045
-  with the small SiteD slow. With it: -0.012 to -0.084 over five runs, mean -0.047 (the arm
-  varies far more than the synchronous ones; benchmarks/notes.md).
+  group gets one time slice in ``slow_factor`` (SIGSTOP/SIGCONT, :class:`SlowMachine`). The
+  federation settings are the synchronous arm's (same rounds, same local epochs): the fast
+  sites train exactly as many epochs as there, the slow one what it can meanwhile, so the
+  final global folds fewer site-epochs. K counts updates trained from the current global
+  (fedfs's default ``buffer_trigger="fresh"``); the slow site's stale ones ride along,
+  weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). A site's nnU-Net learning
+  rate follows the federation's progress (fedfs does this by default,
+  :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`). Measured on the way (one run
+  each unless said, benchmarks/notes.md): with classic FedBuff (``--buffer-trigger any``: the
+  K-th update of any age) the fast sites fall out of step and nearly every update arrives one
+  version stale; async - sync mean Dice was then -0.07 before the learning-rate fix and -0.012
+  to -0.084 (mean -0.047, five runs) after it, and -0.02 to -0.03 even with 32 versions (as many
+  site-epochs folded as the synchronous arm) whatever the staleness weight.
 
 A federation as a whole therefore computes ``n_sites`` times the gradient steps of the
 centralized run: that is nnU-Net's convention (a fixed epochs x iterations budget per
@@ -216,6 +218,7 @@ class Budget:
     staleness: str = "polynomial"  # FedBuff's staleness weight s(tau) for the async arm: (tau + 1) ** -a
     staleness_a: float = 1.0
     staleness_b: float = 4.0
+    buffer_trigger: str = "fresh"  # what counts toward K: updates from the current global, or "any"
     tta: bool = False          # nnU-Net's test-time mirroring at prediction (its default; 5x slower on CPU)
     central_scale: int = 1     # centralized iterations per epoch = iterations x central_scale
 
@@ -428,7 +431,7 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool =
         shutil.rmtree(fed_dir)
     if aggregation == "async":
         spec = replace(spec, staleness=budget.staleness, staleness_a=budget.staleness_a,
-                       staleness_b=budget.staleness_b)
+                       staleness_b=budget.staleness_b, buffer_trigger=budget.buffer_trigger)
     slow = (SlowMachine(fed_dir / "keys" / f"{budget.slow_site}.key", budget.slow_factor)
             if aggregation == "async" else None)
     if slow is not None:
@@ -678,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="FedBuff staleness weight of the async arm (default polynomial)")
     ap.add_argument("--staleness-a", type=float, default=None, help="its parameter a (default 1)")
     ap.add_argument("--staleness-b", type=float, default=None, help="its parameter b (hinge; default 4)")
+    ap.add_argument("--buffer-trigger", default=None, choices=("fresh", "any"),
+                    help="what counts toward the async arm's K (default fresh: updates from the current global)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -696,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    ("tta", args.tta), ("slow_site", args.slow_site),
                                    ("slow_factor", args.slow_factor), ("staleness", args.staleness),
                                    ("staleness_a", args.staleness_a),
-                                   ("staleness_b", args.staleness_b))
+                                   ("staleness_b", args.staleness_b), ("buffer_trigger", args.buffer_trigger))
                  if v is not None}
     budget = replace(budget, **overrides)
     root = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="fedfs-quality-"))

@@ -239,7 +239,8 @@ def render_quality(data: Mapping[str, Any]) -> list[str]:
         f"Budget per nnU-Net training run: {b.get('rounds')} rounds x {b.get('local_epochs')} epochs x "
         f"{b.get('iterations')} iterations (batch from nnU-Net's plans), `{b.get('configuration')}`, "
         f"fold {b.get('fold')}, {b.get('device')}, test-time mirroring {'on' if b.get('tta') else 'off'}; "
-        f"async: FedBuff K={b.get('buffer_size')}, {b.get('slow_site')} {b.get('slow_factor')}x slower, "
+        f"async: FedBuff K={b.get('buffer_size')} ({b.get('buffer_trigger', 'any')} trigger), "
+        f"{b.get('slow_site')} {b.get('slow_factor')}x slower, "
         f"staleness weight {b.get('staleness')} (a={b.get('staleness_a')}).", ""]
     header = ["method"] + sites + ["mean Dice", "mean HD95"]
     body = []

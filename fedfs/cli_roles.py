@@ -334,6 +334,9 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True)
 @click.option("--buffer-size", type=int, default=0, help="FedBuff K (async); 0 = number of sites.")
+@click.option("--buffer-trigger", type=click.Choice(["fresh", "any"]), default="fresh", show_default=True,
+              help="Async: fresh: K counts updates trained from the current global (stale ones ride along); "
+                   "any: the K-th update of any age (classic FedBuff).")
 @click.option("--staleness", type=click.Choice(["inverse_sqrt", "constant", "polynomial", "hinge"]),
               default="inverse_sqrt", show_default=True, help="Async: weight of a stale update (see `fedfs init`).")
 @click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness.")
@@ -347,8 +350,8 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--poll-interval", type=float, default=1.0, show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end.")
-def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epochs, buffer_size, staleness,
-             staleness_a, staleness_b, configuration,
+def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epochs, buffer_size, buffer_trigger,
+             staleness, staleness_a, staleness_b, configuration,
              fold, trainer, iterations_per_epoch, val_iterations, no_final_validation, poll_interval, timeout_s,
              as_json) -> None:
     """Simulate a federation on one machine: the aggregator and each site as its own process.
@@ -374,7 +377,8 @@ def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epoch
         datasets[name] = ds
     root = Path(workdir or tempfile.mkdtemp(prefix="fedfs-sim-"))
     spec = SimulationSpec(datasets=datasets, mode=mode, rounds=rounds, local_epochs=local_epochs,
-                          aggregation=aggregation, buffer_size=buffer_size, staleness=staleness,
+                          aggregation=aggregation, buffer_size=buffer_size, buffer_trigger=buffer_trigger,
+                          staleness=staleness,
                           staleness_a=staleness_a, staleness_b=staleness_b, configuration=configuration, fold=fold,
                           trainer=trainer, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
                           final_validation=not no_final_validation, poll_interval=poll_interval)

@@ -151,7 +151,7 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
         "config": {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration,
                    "rounds": c.rounds, "local_epochs": c.local_epochs, "aggregator": c.aggregator.name,
                    "sites": c.site_names, "weighting": c.weighting, "align": c.align,
-                   "buffer_size": c.k, "max_staleness": c.max_staleness, "created": c.created},
+                   "buffer_size": c.k, "buffer_trigger": c.buffer_trigger, "max_staleness": c.max_staleness, "created": c.created},
         "globals": globals_, "updates": updates, "sites": sites, "rejected": rejected,
         "census": None if census is None else {"total_cases": census.doc.total_cases,
                                                "num_channels": census.doc.num_channels, "sites": census.doc.sites},

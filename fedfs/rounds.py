@@ -110,13 +110,33 @@ def decide_aggregation(
     # asynchronous FedBuff
     contributors = {p.site for p in usable} | can_still_send
     k = min(config.k, len(contributors))
-    if usable and len(usable) >= max(1, k):
+    fresh = sum(1 for p in usable if p.base_version == version)
+    if usable and config.buffer_trigger == "any" and len(usable) >= max(1, k):
         return AggregateDecision(True, tuple(usable), tuple(rejected), reason=f"{len(usable)} update(s) buffered (K={k})")
+    if usable and config.buffer_trigger == "fresh":
+        # K counts updates trained from the current global: a stale one rides along (discounted) but
+        # does not cut the buffer short, so sites that keep pace stay in step (docs/concepts.md)
+        if fresh >= max(1, k):
+            return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                     reason=f"{fresh} update(s) from v{version} buffered (K={k}), "
+                                            f"{len(usable) - fresh} older")
+        if {p.site for p in usable} >= contributors:
+            return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                     reason=f"every site that can still send has an update buffered ({fresh} from "
+                                            f"v{version}, {len(usable) - fresh} older)")
+        if config.deadline_s and age_s >= config.deadline_s and len(usable) >= max(1, k):
+            return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                     reason=f"deadline of {config.deadline_s:g} s passed with {len(usable)} "
+                                            f"update(s) buffered ({fresh} from v{version})")
     if usable and not can_still_send:
         return AggregateDecision(True, tuple(usable), tuple(rejected), reason="no site has rounds left")
     if not usable and not can_still_send:
         return AggregateDecision(True, (), tuple(rejected), final=True,
                                  reason="no site can send another update: closing the federation")
+    if config.buffer_trigger == "fresh":
+        return AggregateDecision(False, (), tuple(rejected),
+                                 reason=f"{fresh} of K={k} update(s) from v{version} buffered "
+                                        f"({len(usable) - fresh} older)")
     return AggregateDecision(False, (), tuple(rejected), reason=f"{len(usable)} of K={k} update(s) buffered")
 
 

@@ -13,6 +13,7 @@ from .layout import check_name, check_sha256
 
 MODES = ("ffe", "asym", "fedavg")  # fedavg: any PyTorch model, no fingerprint phase
 AGGREGATIONS = ("sync", "async")
+BUFFER_TRIGGERS = ("fresh", "any")
 WEIGHTINGS = ("cases", "uniform")
 ALIGNS = ("resolution", "name")
 STALENESS = ("inverse_sqrt", "constant", "polynomial", "hinge")
@@ -44,6 +45,7 @@ class FederationConfig(Document):
     local_epochs: int = 1
     aggregation: str = "sync"
     buffer_size: int = 0  # FedBuff K; 0 means "number of sites"
+    buffer_trigger: str = "fresh"  # async: K counts updates trained from the current global ("any": of any age)
     min_sites: int = 0  # sync deadline fallback; 0 means "all sites"
     deadline_s: float = 0.0  # 0 means no deadline
     eta: float = 1.0
@@ -61,6 +63,8 @@ class FederationConfig(Document):
     def validate(self, where: str) -> None:
         require(self.mode in MODES, where, f"mode must be one of {MODES}, got {self.mode!r}")
         require(self.aggregation in AGGREGATIONS, where, f"aggregation must be one of {AGGREGATIONS}")
+        require(self.buffer_trigger in BUFFER_TRIGGERS, where,
+                f"buffer_trigger must be one of {BUFFER_TRIGGERS}, got {self.buffer_trigger!r}")
         require(self.weighting in WEIGHTINGS, where, f"weighting must be one of {WEIGHTINGS}")
         require(self.align in ALIGNS, where, f"align must be one of {ALIGNS}")
         require(self.staleness in STALENESS, where, f"staleness must be one of {STALENESS}")

@@ -37,6 +37,7 @@ class SimulationSpec:
     local_epochs: int = 1
     aggregation: str = "sync"
     buffer_size: int = 0
+    buffer_trigger: str = "fresh"  # async: what counts toward K, see FederationConfig
     max_staleness: int = 8
     staleness: str = "inverse_sqrt"  # FedBuff's staleness weight (async), see FederationConfig
     staleness_a: float = 0.5
@@ -96,7 +97,7 @@ def simulate(
     config, agg = config_from_key_dir(
         keys, sites, mode=spec.mode, configuration=spec.configuration, rounds=spec.rounds,
         local_epochs=spec.local_epochs, aggregation=spec.aggregation, buffer_size=spec.buffer_size,
-        max_staleness=spec.max_staleness, staleness=spec.staleness, staleness_a=spec.staleness_a,
+        buffer_trigger=spec.buffer_trigger, max_staleness=spec.max_staleness, staleness=spec.staleness, staleness_a=spec.staleness_a,
         staleness_b=spec.staleness_b)
     fed, created = Federation.create(url, config, agg, storage_options=storage_options)
     say(f"federation {'created' if created else 'resumed'} at {url}: {spec.mode}, {spec.aggregation}, "

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
+from fedfs.errors import SchemaError
 from fedfs.rounds import Pending, SetupState, decide_aggregation, decide_site, screen, setup_due
 from fedfs.schema import FederationConfig, Party
 
@@ -45,12 +50,46 @@ def test_sync_rejects_late_updates():
 
 
 def test_async_buffer_k_and_staleness():
-    c = cfg(aggregation="async", buffer_size=2, max_staleness=1, rounds=5)
+    c = cfg(aggregation="async", buffer_size=2, max_staleness=1, rounds=5, buffer_trigger="any")
     nr = {"A": 1, "B": 1, "C": 0}
     assert not decide_aggregation(c, 0, [p("A", 0, 0)], nr, 0).aggregate
     d = decide_aggregation(c, 3, [p("A", 1, 2), p("B", 1, 3), p("C", 0, 1)], {"A": 2, "B": 2, "C": 1}, 0)
     assert d.aggregate and [x.site for x in d.chosen] == ["A", "B"]
     assert d.rejected[0][0].site == "C" and "too stale" in d.rejected[0][1]
+    # the fresh trigger (default) waits for a second update trained from v3: A's is one behind
+    d = decide_aggregation(replace(c, buffer_trigger="fresh"), 3, [p("A", 1, 2), p("B", 1, 3)], {"A": 2, "B": 2, "C": 1}, 0)
+    assert not d.aggregate
+
+
+def test_async_fresh_trigger_lets_a_stale_update_ride_along():
+    # A is slow: its update from v2 is pending while B, C and D train from v4
+    c = cfg(aggregation="async", buffer_size=3, rounds=10, sites=[Party(s, "site", "k") for s in "ABCD"])
+    nr = {s: 5 for s in "ABCD"}
+    d = decide_aggregation(c, 4, [p("A", 2, 2), p("B", 4, 4), p("C", 4, 4)], nr, 0)
+    assert not d.aggregate and "2 of K=3 update(s) from v4" in d.reason and "1 older" in d.reason
+    d = decide_aggregation(c, 4, [p("A", 2, 2), p("B", 4, 4), p("C", 4, 4), p("D", 4, 4)], nr, 0)
+    assert d.aggregate and [x.site for x in d.chosen] == ["A", "B", "C", "D"]
+    # classic FedBuff: the stale update fills the buffer, and D's lands one version behind
+    d = decide_aggregation(replace(c, buffer_trigger="any"), 4, [p("A", 2, 2), p("B", 4, 4), p("C", 4, 4)], nr, 0)
+    assert d.aggregate and [x.site for x in d.chosen] == ["A", "B", "C"]
+
+
+def test_async_fresh_trigger_never_waits_on_a_site_that_already_answered():
+    # K = every site: the slow site's stale update is its answer for this version
+    c = cfg(aggregation="async", rounds=10)
+    d = decide_aggregation(c, 4, [p("A", 2, 2), p("B", 4, 4), p("C", 4, 4)], {s: 5 for s in "ABC"}, 0)
+    assert d.aggregate and "every site that can still send" in d.reason
+    # with a deadline, K updates of any age suffice once it has passed
+    c = cfg(aggregation="async", buffer_size=2, rounds=10, deadline_s=30)
+    pend, nr = [p("A", 2, 2), p("B", 4, 4)], {s: 5 for s in "ABC"}
+    assert not decide_aggregation(c, 4, pend, nr, age_s=29).aggregate
+    d = decide_aggregation(c, 4, pend, nr, age_s=31)
+    assert d.aggregate and "deadline of 30 s" in d.reason
+
+
+def test_buffer_trigger_is_validated():
+    with pytest.raises(SchemaError, match="buffer_trigger must be one of"):
+        cfg(aggregation="async", buffer_trigger="sometimes").validate("federation.json")
 
 
 def test_async_k_capped_by_sites_that_can_still_send():
