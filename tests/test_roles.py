@@ -100,6 +100,42 @@ def test_async_fedbuff_slow_site_never_blocks(tmp_path, keys):
     assert sites["A"].state.updates_sent <= 4
 
 
+@pytest.mark.parametrize("trigger", ["fresh", "any"])
+def test_async_fresh_trigger_keeps_fast_sites_in_step(tmp_path, keys, trigger):
+    """A and B publish one step after they train (training takes time), C (slow) every third step;
+    the aggregator wakes after every single site step, so C's stale update is already pending
+    when A's fresh one lands, while B's is still "in training"."""
+    fed, aggregator, sites = make_fed(tmp_path, keys, rounds=6, aggregation="async", buffer_size=2,
+                                      max_staleness=6, buffer_trigger=trigger)
+
+    def deferred(site, every):
+        publish, tick = site._publish_pending, {"n": 0}
+
+        def later():
+            tick["n"] += 1
+            return publish() if tick["n"] % every == 0 else None
+        site._publish_pending = later
+
+    deferred(sites["A"], 2)
+    deferred(sites["B"], 2)
+    deferred(sites["C"], 3)
+    for _ in range(300):
+        if all(s.state.finished for s in sites.values()):
+            break
+        for name in ("C", "A", "B"):
+            sites[name].step()
+            aggregator.step()
+    assert all(s.state.finished for s in sites.values())
+    versions = [fed.bucket.read(layout.global_version(v), GlobalManifest).doc for v in range(1, 7)]
+    fast = [x.staleness for v in versions for x in v.contributions if x.site in "AB"]
+    slow = [x.staleness for v in versions for x in v.contributions if x.site == "C"]
+    assert slow and max(slow) > 0, "C's updates should arrive stale"
+    if trigger == "fresh":  # every fast update is folded into the version right after the one it came from
+        assert fast == [0] * 12
+    else:  # a stale update fills the buffer first: B's lands a version late, and A and B stay out of step
+        assert max(fast) > 0
+
+
 def test_asym_federation_shares_matching_layers(tmp_path, keys):
     fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2, mode="asym", align="name")
     drive(aggregator, sites)
