@@ -107,7 +107,8 @@ def keygen(name: str, role: str, out_dir: str) -> None:
               help="Async: fresh: K counts updates trained from the current global (stale ones ride along); "
                    "any: the K-th update of any age (classic FedBuff).")
 @click.option("--min-sites", type=int, default=0, help="Sync: after --deadline, aggregate with at least this many.")
-@click.option("--deadline", "deadline_s", type=float, default=0.0, help="Sync: seconds to wait for slow sites (0 = forever). Async, fresh trigger: after this, "
+@click.option("--deadline", "deadline_s", type=float, default=0.0,
+              help="Sync: seconds to wait for slow sites (0 = forever). Async, fresh trigger: after this, "
                    "K updates of any age suffice.")
 @click.option("--max-staleness", type=int, default=8, show_default=True,
               help="Async: updates more than this many versions behind are dropped.")

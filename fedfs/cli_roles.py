@@ -378,8 +378,7 @@ def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epoch
     root = Path(workdir or tempfile.mkdtemp(prefix="fedfs-sim-"))
     spec = SimulationSpec(datasets=datasets, mode=mode, rounds=rounds, local_epochs=local_epochs,
                           aggregation=aggregation, buffer_size=buffer_size, buffer_trigger=buffer_trigger,
-                          staleness=staleness,
-                          staleness_a=staleness_a, staleness_b=staleness_b, configuration=configuration, fold=fold,
+                          staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b, configuration=configuration, fold=fold,
                           trainer=trainer, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
                           final_validation=not no_final_validation, poll_interval=poll_interval)
     result = run_simulation(spec, workdir=root, bucket=bucket, env=nnunet_environment(root),

@@ -110,34 +110,31 @@ def decide_aggregation(
     # asynchronous FedBuff
     contributors = {p.site for p in usable} | can_still_send
     k = min(config.k, len(contributors))
+    # "fresh": K counts updates trained from the current global; a stale one rides along (discounted)
+    # but does not cut the buffer short, so sites that keep pace stay in step (docs/concepts.md).
+    # "any" (FedBuff as published) counts every update; the two fallbacks below are then implied.
     fresh = sum(1 for p in usable if p.base_version == version)
-    if usable and config.buffer_trigger == "any" and len(usable) >= max(1, k):
-        return AggregateDecision(True, tuple(usable), tuple(rejected), reason=f"{len(usable)} update(s) buffered (K={k})")
-    if usable and config.buffer_trigger == "fresh":
-        # K counts updates trained from the current global: a stale one rides along (discounted) but
-        # does not cut the buffer short, so sites that keep pace stay in step (docs/concepts.md)
-        if fresh >= max(1, k):
-            return AggregateDecision(True, tuple(usable), tuple(rejected),
-                                     reason=f"{fresh} update(s) from v{version} buffered (K={k}), "
-                                            f"{len(usable) - fresh} older")
-        if {p.site for p in usable} >= contributors:
-            return AggregateDecision(True, tuple(usable), tuple(rejected),
-                                     reason=f"every site that can still send has an update buffered ({fresh} from "
-                                            f"v{version}, {len(usable) - fresh} older)")
-        if config.deadline_s and age_s >= config.deadline_s and len(usable) >= max(1, k):
-            return AggregateDecision(True, tuple(usable), tuple(rejected),
-                                     reason=f"deadline of {config.deadline_s:g} s passed with {len(usable)} "
-                                            f"update(s) buffered ({fresh} from v{version})")
+    if config.buffer_trigger == "fresh":
+        counted, which = fresh, f" from v{version}"
+        older = f" ({len(usable) - fresh} older)"
+    else:
+        counted, which, older = len(usable), "", ""
+    if usable and counted >= max(1, k):
+        return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                 reason=f"{counted} update(s){which} buffered (K={k}){older}")
+    if usable and {p.site for p in usable} >= contributors:
+        return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                 reason=f"every site that can still send has an update buffered{older}")
+    if usable and config.deadline_s and age_s >= config.deadline_s and len(usable) >= max(1, k):
+        return AggregateDecision(True, tuple(usable), tuple(rejected),
+                                 reason=f"deadline of {config.deadline_s:g} s passed with {len(usable)} "
+                                        f"update(s) buffered{older}")
     if usable and not can_still_send:
         return AggregateDecision(True, tuple(usable), tuple(rejected), reason="no site has rounds left")
     if not usable and not can_still_send:
         return AggregateDecision(True, (), tuple(rejected), final=True,
                                  reason="no site can send another update: closing the federation")
-    if config.buffer_trigger == "fresh":
-        return AggregateDecision(False, (), tuple(rejected),
-                                 reason=f"{fresh} of K={k} update(s) from v{version} buffered "
-                                        f"({len(usable) - fresh} older)")
-    return AggregateDecision(False, (), tuple(rejected), reason=f"{len(usable)} of K={k} update(s) buffered")
+    return AggregateDecision(False, (), tuple(rejected), reason=f"{counted} of K={k} update(s){which} buffered{older}")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def test_async_buffer_k_and_staleness():
     assert d.aggregate and [x.site for x in d.chosen] == ["A", "B"]
     assert d.rejected[0][0].site == "C" and "too stale" in d.rejected[0][1]
     # the fresh trigger (default) waits for a second update trained from v3: A's is one behind
-    d = decide_aggregation(replace(c, buffer_trigger="fresh"), 3, [p("A", 1, 2), p("B", 1, 3)], {"A": 2, "B": 2, "C": 1}, 0)
+    fresh = replace(c, buffer_trigger="fresh")
+    d = decide_aggregation(fresh, 3, [p("A", 1, 2), p("B", 1, 3)], {"A": 2, "B": 2, "C": 1}, 0)
     assert not d.aggregate
 
 
