@@ -396,7 +396,8 @@ class Aggregator:
     def _fetch(self, ref: BlobRef) -> str:
         """A verified local copy of a blob (cached by sha256; safe to call from several threads)."""
         # Embedded documents are not validated by from_dict: the sha256 must be hex before it names a local
-        # file, or "../out/v000001/global.safetensors" would make a file already on disk pass as the payload.
+        # file, or "../out/v000001/global.safetensors" would make a file already on disk pass as the payload;
+        # and the key must be safe even when the cache already holds its sha256 (no download to refuse it).
         ref.validate(self.fed.store.describe(ref.key))
         path = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
         if not path.exists():

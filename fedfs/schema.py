@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .documents import Document, document, field, require
-from .layout import check_name, check_sha256
+from .layout import check_key, check_name, check_sha256
 
 MODES = ("ffe", "asym", "fedavg")  # fedavg: any PyTorch model, no fingerprint phase
 AGGREGATIONS = ("sync", "async")
@@ -111,6 +111,7 @@ class BlobRef(Document):
     size: int
 
     def validate(self, where: str) -> None:
+        check_key(self.key)
         check_sha256(self.sha256)
         require(self.size >= 0, where, "blob size must be >= 0")
         require(self.sha256 in self.key, where, "blob key must contain its sha256")

@@ -13,7 +13,8 @@ import torch
 from fedfs import layout
 from fedfs.aggregator import Aggregator
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import GlobalManifest, UpdateManifest
+from fedfs.errors import ValidationError
+from fedfs.schema import BlobRef, GlobalManifest, UpdateManifest
 from fedfs.site import Site
 from fedfs.toy import ToyWork
 from fedfs.weights import load_weights
@@ -228,3 +229,13 @@ def test_site_quarantines_a_forged_global(tmp_path, keys):
     st = fed.bucket.read(layout.site_status("B"), StatusDocument).doc
     assert st.rejected[0].key == layout.global_version(1) and "aggregator" in st.rejected[0].reason
     assert sites["B"].state.updates_sent == 0  # it trained nothing past the forged global
+
+
+def test_a_traversal_blob_key_is_refused_even_when_its_sha256_is_cached(tmp_path, keys):
+    fed, aggregator, sites = make_fed(tmp_path, keys, rounds=1)
+    setup(fed, aggregator, sites)
+    real = fed.bucket.read(layout.global_version(0), GlobalManifest).doc.blob_for("A")
+    aggregator._fetch(real)  # the payload is now in the aggregator's cache under its sha256
+    sneaky = BlobRef(key=f"sites/A/blobs/../../{real.key}", sha256=real.sha256, size=real.size)
+    with pytest.raises(ValidationError, match="unsafe segment"):
+        aggregator._fetch(sneaky)
