@@ -259,6 +259,11 @@ class Aggregator:
         age = max(0.0, self.clock() - parse_time(current.signed_at))
         rejected_sites = {site for site, base in self._rejected_bases.values() if base == version}
         decision = decide_aggregation(c, version, pending, cursor, age, rejected_sites)
+        if any(p.base_version > version for p, _ in decision.rejected) \
+                and self.fed.store.exists(layout.global_version(version + 1)):
+            # an update from a newer global than ours: our view is behind (another aggregator
+            # published v(version+1) meanwhile), not the site wrong. Rejecting would be for good.
+            return StepResult("wait", f"v{version + 1} was published meanwhile: catching up", version=version)
         for p, reason in decision.rejected:
             self._reject(p.key, reason)
         if not decision.aggregate:

@@ -82,12 +82,19 @@ class Trigger:
 
 
 class InotifyTrigger(Trigger):
-    """Wake on any file created or moved into the bucket folder (watchdog), with a polling fallback."""
+    """Wake on any file created or moved into the bucket folder (watchdog), with a polling fallback.
+
+    ``poll_interval`` is the safety net between events. If watchdog's threads die (an
+    exception inside the observer, e.g. a clock stepped under it), the trigger says so
+    once and polls every ``fallback_interval`` instead, so the role keeps its pace
+    rather than waiting out the safety net each time."""
 
     kind = "inotify"
 
-    def __init__(self, root: str, poll_interval: float) -> None:
+    def __init__(self, root: str, poll_interval: float, fallback_interval: float | None = None) -> None:
         super().__init__(poll_interval)
+        self.fallback_interval = poll_interval if fallback_interval is None else fallback_interval
+        self.degraded = False
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -104,6 +111,18 @@ class InotifyTrigger(Trigger):
         self._observer.schedule(Handler(), root, recursive=True)
         self._observer.daemon = True
         self._observer.start()
+
+    def watching(self) -> bool:
+        """True while the observer and every emitter thread are alive."""
+        return self._observer.is_alive() and all(e.is_alive() for e in self._observer.emitters)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.degraded and not self.watching():
+            self.degraded = True
+            self.poll_interval = self.fallback_interval
+            log.warning("file-system events stopped (the watcher thread died); polling every %.1f s",
+                        self.poll_interval)
+        return super().wait(timeout)
 
     def close(self) -> None:
         self._observer.stop()
@@ -123,7 +142,7 @@ def make_trigger(store: Store, *, watch: str = "auto", poll_interval: float = 5.
         return Trigger(poll_interval)
     try:
         # on a local disk, events are the trigger; the timeout is only a safety net
-        return InotifyTrigger(root, max(poll_interval, 30.0) if watch == "auto" else poll_interval)
+        return InotifyTrigger(root, max(poll_interval, 30.0) if watch == "auto" else poll_interval, poll_interval)
     except Exception as exc:  # noqa: BLE001 - inotify limits, unsupported platform
         log.warning("file-system events unavailable (%s); polling every %.1f s", exc, poll_interval)
         return Trigger(poll_interval)

@@ -188,6 +188,30 @@ def test_aggregator_crash_between_payload_and_manifest(tmp_path, keys):
     drive(fresh, sites)
 
 
+def test_an_aggregator_behind_another_does_not_reject_updates_from_the_newer_global(tmp_path, keys):
+    """Two aggregators (a standby with the same key): one publishes v2 and site B trains from it
+    while the other still looks at v1. B's update is not "from the future" for good: the lagging
+    aggregator catches up and folds it, so v3 averages all three sites."""
+    # Prepare: v2 out from the first aggregator, B's r2 (trained from v2) published
+    fed, first, sites = make_fed(tmp_path, keys, rounds=3)
+    standby = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg2")
+    setup(fed, first, sites)
+    for v in (1, 2):
+        for s in sites.values():
+            s.step()
+        assert first.step().version == v
+    sites["B"].step()
+    assert fed.bucket.read(layout.site_update("B", 2), UpdateManifest).doc.base_version == 2
+    # Execute: the standby steps with the view it had before v2 appeared
+    lagging = standby._round_step(1)
+    # Assert: it waits and catches up instead of rejecting; v3 holds every site
+    assert lagging.action == "wait" and "catching up" in lagging.detail
+    assert layout.site_update("B", 2) not in standby._rejected
+    drive(standby, sites)
+    v3 = fed.bucket.read(layout.global_version(3), GlobalManifest).doc
+    assert [c.site for c in v3.contributions] == ["A", "B", "C"]
+
+
 def test_update_norm_plausibility_check(tmp_path, keys):
     fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2, update_norm_limit=1.0)
     setup(fed, aggregator, sites)

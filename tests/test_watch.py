@@ -1,0 +1,57 @@
+"""When a role steps again: inotify events on a local folder, and polling when the watcher dies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fedfs.store import open_store
+from fedfs.watch import InotifyTrigger, Trigger, make_trigger
+
+
+def test_auto_on_a_local_folder_wakes_on_a_new_file(tmp_path):
+    # Prepare: the trigger a role picks for a plain folder (safety net: 30 s between events)
+    trigger = make_trigger(open_store(str(tmp_path)), watch="auto", poll_interval=0.5)
+    try:
+        assert isinstance(trigger, InotifyTrigger) and trigger.poll_interval == 30.0
+        # Execute: another party publishes a file (write then rename, as the stores do)
+        (tmp_path / "x.json.tmp").write_text("{}")
+        (tmp_path / "x.json.tmp").rename(tmp_path / "x.json")
+        # Assert: woken by the event, not by the 30 s safety net
+        assert trigger.wait() is True
+    finally:
+        trigger.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
+def test_a_dead_watcher_falls_back_to_polling_at_the_configured_interval(tmp_path, caplog):
+    # Prepare: an inotify trigger whose emitter thread will raise (as watchdog's does when the
+    # clock is stepped under its delayed queue: "OSError: [Errno 22] Invalid argument")
+    trigger = make_trigger(open_store(str(tmp_path)), watch="auto", poll_interval=0.05)
+    try:
+        emitter = next(iter(trigger._observer.emitters))
+
+        def crash(timeout):
+            raise OSError(22, "Invalid argument")
+
+        emitter.queue_events = crash
+        (tmp_path / "wake").write_text("")  # the blocked read returns; the next one raises
+        emitter.join(timeout=10)
+        assert not emitter.is_alive() and not trigger.watching()
+        # Execute
+        with caplog.at_level(logging.WARNING, logger="fedfs.watch"):
+            woke = trigger.wait()
+        # Assert: it noticed, said so, and now polls every 0.05 s instead of every 30 s
+        assert trigger.degraded and trigger.poll_interval == 0.05
+        assert woke in (True, False)  # the "wake" file may have poked it before the crash
+        assert "file-system events stopped" in caplog.text
+        assert trigger.wait() is False  # a plain poll tick, no event
+    finally:
+        trigger.close()
+
+
+def test_polling_grid_is_shared_by_every_party():
+    # two parties whose clocks read 0.3 s and 1.3 s past a tick wait for the same next tick
+    t1, t2 = Trigger(2.0, clock=lambda: 100.3), Trigger(2.0, clock=lambda: 101.3)
+    assert abs(t1.next_delay() - 1.7) < 1e-9 and abs(t2.next_delay() - 0.7) < 1e-9
