@@ -102,7 +102,8 @@ class InotifyTrigger(Trigger):
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
-                if event.event_type in ("created", "moved", "modified", "closed"):
+                # a file landing is the news; its folder's "modified" event and .tmp files are not
+                if event.event_type in ("created", "moved", "modified", "closed") and not event.is_directory:
                     name = os.path.basename(getattr(event, "dest_path", "") or event.src_path)
                     if not name.endswith(".tmp"):
                         trigger.poke()
@@ -117,12 +118,25 @@ class InotifyTrigger(Trigger):
         return self._observer.is_alive() and all(e.is_alive() for e in self._observer.emitters)
 
     def wait(self, timeout: float | None = None) -> bool:
-        if not self.degraded and not self.watching():
-            self.degraded = True
-            self.poll_interval = self.fallback_interval
-            log.warning("file-system events stopped (the watcher thread died); polling every %.1f s",
-                        self.poll_interval)
-        return super().wait(timeout)
+        """As :meth:`Trigger.wait`; the watcher's health is checked every ``fallback_interval``
+        meanwhile (thread liveness, no I/O), so a watcher dying mid-wait costs one interval."""
+        if self.degraded:
+            return super().wait(timeout)
+        deadline = time.monotonic() + (self.next_delay() if timeout is None else timeout)
+        while self.watching():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._event.wait(min(left, max(0.05, self.fallback_interval))):
+                self._event.clear()
+                return True
+        self.degraded = True
+        self.poll_interval = self.fallback_interval
+        log.warning("file-system events stopped (the watcher thread died); polling every %.1f s",
+                    self.poll_interval)
+        fired = self._event.is_set()
+        self._event.clear()
+        return fired
 
     def close(self) -> None:
         self._observer.stop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
@@ -24,29 +26,51 @@ def test_auto_on_a_local_folder_wakes_on_a_new_file(tmp_path):
         trigger.close()
 
 
+def _crash_emitter(trigger, folder):
+    """Make the trigger's watchdog emitter thread die as it does when the clock is stepped under
+    its delayed queue ("OSError: [Errno 22] Invalid argument"); return the emitter."""
+    emitter = next(iter(trigger._observer.emitters))
+
+    def crash(timeout):
+        raise OSError(22, "Invalid argument")
+
+    emitter.queue_events = crash
+    (folder / "wake.tmp").write_text("")  # the blocked read returns (no poke: a .tmp), the next one raises
+    emitter.join(timeout=10)
+    return emitter
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
 def test_a_dead_watcher_falls_back_to_polling_at_the_configured_interval(tmp_path, caplog):
-    # Prepare: an inotify trigger whose emitter thread will raise (as watchdog's does when the
-    # clock is stepped under its delayed queue: "OSError: [Errno 22] Invalid argument")
+    # Prepare: an inotify trigger (30 s safety net) whose emitter thread has died
     trigger = make_trigger(open_store(str(tmp_path)), watch="auto", poll_interval=0.05)
     try:
-        emitter = next(iter(trigger._observer.emitters))
-
-        def crash(timeout):
-            raise OSError(22, "Invalid argument")
-
-        emitter.queue_events = crash
-        (tmp_path / "wake").write_text("")  # the blocked read returns; the next one raises
-        emitter.join(timeout=10)
+        emitter = _crash_emitter(trigger, tmp_path)
         assert not emitter.is_alive() and not trigger.watching()
         # Execute
         with caplog.at_level(logging.WARNING, logger="fedfs.watch"):
-            woke = trigger.wait()
+            trigger.wait()
         # Assert: it noticed, said so, and now polls every 0.05 s instead of every 30 s
         assert trigger.degraded and trigger.poll_interval == 0.05
-        assert woke in (True, False)  # the "wake" file may have poked it before the crash
         assert "file-system events stopped" in caplog.text
         assert trigger.wait() is False  # a plain poll tick, no event
+    finally:
+        trigger.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_watcher_dying_during_a_wait_ends_that_wait(tmp_path):
+    # Prepare: a role blocked in wait() (next wake-up: the 30 s safety net)
+    trigger = make_trigger(open_store(str(tmp_path)), watch="auto", poll_interval=0.05)
+    try:
+        waiter = threading.Thread(target=trigger.wait, daemon=True)
+        waiter.start()
+        time.sleep(0.2)
+        # Execute: the watcher dies under it
+        _crash_emitter(trigger, tmp_path)
+        # Assert: the wait ends well before the safety net, in polling mode
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and trigger.degraded
     finally:
         trigger.close()
 
