@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .cli_roles import buffer_trigger_option
 from .errors import ConfigError, FedfsError, exit_code_for
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -103,9 +104,7 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--local-epochs", type=int, default=1, show_default=True, help="nnU-Net epochs per round.")
 @click.option("--aggregation", type=click.Choice(["sync", "async"]), default="sync", show_default=True)
 @click.option("--buffer-size", type=int, default=0, help="FedBuff K (async); 0 = number of sites.")
-@click.option("--buffer-trigger", type=click.Choice(["fresh", "any"]), default="fresh", show_default=True,
-              help="Async: fresh: K counts updates trained from the current global (stale ones ride along); "
-                   "any: the K-th update of any age (classic FedBuff).")
+@buffer_trigger_option
 @click.option("--min-sites", type=int, default=0, help="Sync: after --deadline, aggregate with at least this many.")
 @click.option("--deadline", "deadline_s", type=float, default=0.0,
               help="Sync: seconds to wait for slow sites (0 = forever). Async, fresh trigger: after this, "

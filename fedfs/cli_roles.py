@@ -38,6 +38,13 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+# `fedfs init` and `fedfs simulate` both set the async trigger (fedfs.rounds.decide_aggregation)
+buffer_trigger_option = click.option(
+    "--buffer-trigger", type=click.Choice(["fresh", "any"]), default="fresh", show_default=True,
+    help="Async: fresh: K counts updates trained from the current global (stale ones ride along); "
+         "any: the K-th update of any age (classic FedBuff).")
+
+
 def opt(*decls: str, **kw: Any):
     """click.option with ``FEDFS_<NAME>`` as its environment variable."""
     names = [d for d in decls if not d.startswith("-")]
@@ -334,9 +341,7 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True)
 @click.option("--buffer-size", type=int, default=0, help="FedBuff K (async); 0 = number of sites.")
-@click.option("--buffer-trigger", type=click.Choice(["fresh", "any"]), default="fresh", show_default=True,
-              help="Async: fresh: K counts updates trained from the current global (stale ones ride along); "
-                   "any: the K-th update of any age (classic FedBuff).")
+@buffer_trigger_option
 @click.option("--staleness", type=click.Choice(["inverse_sqrt", "constant", "polynomial", "hinge"]),
               default="inverse_sqrt", show_default=True, help="Async: weight of a stale update (see `fedfs init`).")
 @click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness.")
@@ -378,7 +383,8 @@ def simulate(site_specs, bucket, workdir, mode, aggregation, rounds, local_epoch
     root = Path(workdir or tempfile.mkdtemp(prefix="fedfs-sim-"))
     spec = SimulationSpec(datasets=datasets, mode=mode, rounds=rounds, local_epochs=local_epochs,
                           aggregation=aggregation, buffer_size=buffer_size, buffer_trigger=buffer_trigger,
-                          staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b, configuration=configuration, fold=fold,
+                          staleness=staleness, staleness_a=staleness_a, staleness_b=staleness_b,
+                          configuration=configuration, fold=fold,
                           trainer=trainer, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
                           final_validation=not no_final_validation, poll_interval=poll_interval)
     result = run_simulation(spec, workdir=root, bucket=bucket, env=nnunet_environment(root),
