@@ -4,7 +4,7 @@ For nnU-Net-shaped models (tensor shapes taken from real dynamic_network_archite
 networks built on the meta device: 2D 5-stage 7.8 M params in 88 tensors, 3D fullres
 16.5 M in 88, 2D 7-stage 33.5 M in 128) and N updates on local disk, each row compares:
 
-* ``fedfs_s``: :func:`fedfs.aggregate.aggregate` (FedAvg weighted by cases), output written;
+* ``fedfs_s``: :func:`fedfs.fl.aggregate.aggregate` (FedAvg weighted by cases), output written;
 * ``read_floor_s``: merely reading the N safetensors files (1 MiB ``readinto`` into one buffer);
 * ``naive_s``: the reference approach, measured here on this benchmark's own pickles:
   ``torch.load`` every state dict, stack the common keys, mean, ``torch.save``.
@@ -59,7 +59,7 @@ def model_shapes(model: str) -> dict[str, tuple[int, ...]]:
 def make_inputs(model: str, n: int, folder: str) -> tuple[list[str], list[str]]:
     """N safetensors updates (fedfs) and N pickles of the same tensors (reference approach)."""
     import torch
-    from fedfs.weights import save_weights
+    from fedfs.weights.tensors import save_weights
 
     shapes = model_shapes(model)
     st, pk = [], []
@@ -86,7 +86,7 @@ def _measure(kind: str, files: list[str], out: str, repeat: int, threads: int | 
     import gc
 
     import torch  # noqa: F401  (imports are part of the baseline, not of the measurement)
-    from fedfs.aggregate import Update, aggregate
+    from fedfs.fl.aggregate import Update, aggregate
 
     def floor() -> None:
         buf = bytearray(MB)

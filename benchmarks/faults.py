@@ -1,7 +1,7 @@
 """Fault injection: real tiny federations that are crashed, cut off and attacked, then audited.
 
 Every federation is three honest sites (A, B, C) and an aggregator, each its own
-process (``python -m fedfs.toy_party``: the real roles, triggers and bucket code
+process (``python -m fedfs.testing.toy_party``: the real roles, triggers and bucket code
 over a toy PyTorch model), sharing only the bucket: a folder, or S3 served by a
 moto server started in this process. FFE mode, synchronous FedAvg, 3 rounds,
 case-weighted. While they run, this runner injects faults; a party that dies is
@@ -27,7 +27,7 @@ Faults (scenario names in brackets):
   start [concurrency]: both must finish; one manifest per version wins.
 * site clocks hours off [concurrency]: C runs under ``faketime -f +5h`` when
   libfaketime is installed; B always (and C without libfaketime) gets
-  ``FEDFS_TOY_CLOCK_OFFSET_S`` = -5 h, which only ``fedfs.toy_party`` honours: it
+  ``FEDFS_TOY_CLOCK_OFFSET_S`` = -5 h, which only ``fedfs.testing.toy_party`` honours: it
   shifts ``time.time`` and the ``signed_at`` of what the party signs, not the
   kernel clock.
 
@@ -41,13 +41,13 @@ and bad globals (written into ``aggregator/`` with a site's key, or a global's
 payload altered) are offered to a site in process ([site_probes]). Every bad
 input must be refused with a human-readable reason in the refusing party's
 signed status document (``aggregator/status.json`` or ``sites/<S>/status.json``,
-:class:`fedfs.schema.StatusDocument`) that matches the kind (for federation.json,
+:class:`fedfs.protocol.schema.StatusDocument`) that matches the kind (for federation.json,
 where no trusted status exists yet, the party's refusal to start with the reason).
 
 Integrity metrics, computed from the bucket after each federation:
 
 * ``corrupt_globals_published``: global manifests (v0..final) that fail signature
-  verification, whose payload fails sha256 or :func:`fedfs.weights.validate_update`
+  verification, whose payload fails sha256 or :func:`fedfs.weights.tensors.validate_update`
   against v0's layout, that list a contribution whose update manifest is missing,
   unverifiable or names another sha256, or whose tensors are not the weighted
   average ``sum(w_i x_i) / sum(w_i)`` (float64, rtol 1e-5) of the contributions'
@@ -109,17 +109,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedfs import layout  # noqa: E402
-from fedfs.documents import canonical_json  # noqa: E402
+from fedfs.protocol.documents import canonical_json  # noqa: E402
 from fedfs.errors import FedfsError, NotFound, ValidationError  # noqa: E402
 from fedfs.federation import Federation, config_from_key_dir  # noqa: E402
-from fedfs.schema import (  # noqa: E402
+from fedfs.protocol.schema import (  # noqa: E402
     BlobRef,
     GlobalManifest,
     Heartbeat,
     StatusDocument,
     UpdateManifest,
 )
-from fedfs.signing import generate_keypair, load_identity  # noqa: E402
+from fedfs.trust.signing import generate_keypair, load_identity  # noqa: E402
 from fedfs.store import open_store  # noqa: E402
 
 ROUNDS = 3
@@ -311,7 +311,7 @@ class Party:
 
 def party_command(role: str, url: str, key: Path, workdir: Path, *, prefix: list[str] | None = None,
                   **opts: Any) -> list[str]:
-    cmd = list(prefix or []) + [sys.executable, "-m", "fedfs.toy_party", role, url, "--key", str(key),
+    cmd = list(prefix or []) + [sys.executable, "-m", "fedfs.testing.toy_party", role, url, "--key", str(key),
                                 "--workdir", str(workdir), "--poll-interval", str(POLL_S)]
     for k, v in opts.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -532,7 +532,7 @@ def audit(fed: Federation, honest_sites: list[str]) -> dict[str, Any]:
     """Integrity of what the federation left in the bucket (see the module docstring)."""
     import torch
 
-    from fedfs.weights import load_weights, validate_update
+    from fedfs.weights.tensors import load_weights, validate_update
 
     b, store = fed.bucket, fed.store
     tmp = Path(tempfile.mkdtemp(prefix="fedfs-audit-"))
@@ -685,8 +685,8 @@ class Hostile:
 
     # M's honest set-up, in a thread: the federation waits for M's census, fingerprint and plans
     def start_setup(self) -> None:
-        from fedfs.site import Site
-        from fedfs.toy import ToyWork
+        from fedfs.roles.site import Site
+        from fedfs.testing.toy import ToyWork
 
         def run() -> None:
             try:
@@ -754,7 +754,7 @@ class Hostile:
         return self._post(kind, canonical_json(ident.sign(body)))
 
     def _tensors(self) -> dict[str, Any]:
-        from fedfs.weights import load_weights
+        from fedfs.weights.tensors import load_weights
 
         v0 = self.bucket.read(layout.global_version(0), GlobalManifest).doc
         path = self.bucket.get_blob_file(v0.blob, str(self.dir / "v0.safetensors"))
@@ -874,7 +874,7 @@ class Hostile:
 # ---- federation.json with a path traversal in a site name ------------------------------------
 def federation_json_traversal(be: Backend, root: Path) -> dict[str, Any]:
     """A federation.json (validly signed) naming a site ``../evil``: a party must refuse to start."""
-    from fedfs.schema import FederationConfig, Party
+    from fedfs.protocol.schema import FederationConfig, Party
 
     keys = make_keys(root / "keys", sorted(SITES))
     url = be.new_url(root)
@@ -906,9 +906,9 @@ def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     trained from it nor crashed without saying why: the key and a reason must be in
     ``sites/B/status.json``. The bad file is removed again before the next probe.
     """
-    from fedfs.aggregator import Aggregator
-    from fedfs.site import Site
-    from fedfs.toy import ToyWork
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork
 
     keys = make_keys(root / "keys", sorted(SITES))
     url = be.new_url(root)
@@ -980,9 +980,9 @@ def weakness_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     signed by a site is put at the next global version's key before the aggregator
     publishes it. Each probe says whether fedfs refused it (``refused``) and what happened.
     """
-    from fedfs.aggregator import Aggregator
-    from fedfs.site import Site
-    from fedfs.toy import ToyWork
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork
 
     names = sorted(SITES) + [HOSTILE_SITE]
     keys = make_keys(root / "keys", names)
@@ -1052,10 +1052,10 @@ def weakness_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
 def _restart_and_squat_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     """(1) C's update is rejected (NaN), the aggregator restarts before A and B report: does the sync
     round still close? (2) Garbage written with the bare store at B's next update key: can B go on?"""
-    from fedfs.aggregator import Aggregator
-    from fedfs.site import Site
-    from fedfs.toy import ToyWork
-    from fedfs.weights import load_weights, save_weights
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork
+    from fedfs.weights.tensors import load_weights, save_weights
 
     keys = make_keys(root / "keys", sorted(SITES))
     fed = create_federation(be.new_url(root), keys, sorted(SITES), be.storage_options)

@@ -147,7 +147,7 @@ class BucketTransport:
 
     def __init__(self, workdir: str, site_names: list[str]) -> None:
         from fedfs.federation import Federation, config_from_key_dir
-        from fedfs.signing import generate_keypair, load_identity
+        from fedfs.trust.signing import generate_keypair, load_identity
 
         keys = os.path.join(workdir, "keys")
         generate_keypair("aggregator", "aggregator", keys)
@@ -160,7 +160,7 @@ class BucketTransport:
 
     def _route(self, key: str, doc: dict | None):
         from fedfs import layout
-        from fedfs.schema import Census, FingerprintSummary, GlobalFingerprint, PlansDocument, SiteCensus
+        from fedfs.protocol.schema import Census, FingerprintSummary, GlobalFingerprint, PlansDocument, SiteCensus
 
         kind, who = key.split("/", 1)
         if kind == "census" and who == "global":
@@ -205,8 +205,8 @@ def make_transport(workdir: str, site_names: list[str] | None = None) -> Transpo
 # ------------------------------------------------------------------ the protocol
 
 def run_ffe(t: Transport, sites: list[dict], num_processes: int, planner: str, **summary_options: Any) -> dict:
-    from fedfs import fingerprint as fp
-    from fedfs import nnunet_adapter as nn
+    from fedfs.fl import fingerprint as fp
+    from fedfs.nnunet import adapter as nn
     timing: dict[str, float] = {}
     for s in sites:                                       # site, phase 1
         t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def rel_errors(fed: dict, ref: dict) -> dict[str, float]:
 
 
 def ct_norm_diff(fed: dict, ref: dict) -> tuple[float, float]:
-    from fedfs.nnunet_adapter import ct_normalize
+    from fedfs.nnunet.adapter import ct_normalize
     grid = np.arange(-1024, 3072, dtype=np.float32)
     worst, mean = 0.0, 0.0
     for ch, r in ref["foreground_intensity_properties_per_channel"].items():
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             os.environ[var] = os.path.join(tmp, var)
             os.makedirs(os.environ[var], exist_ok=True)
-        from fedfs import fingerprint as fp
-        from fedfs import nnunet_adapter as nn
+        from fedfs.fl import fingerprint as fp
+        from fedfs.nnunet import adapter as nn
         log("writing synthetic federation ...")
         build_federation(os.environ["nnUNet_raw"], args.seed, args.intensities == "continuous")
 

@@ -19,8 +19,8 @@ fold 0 of nnU-Net's own 5-fold split:
 
 * ``local``: nnU-Net at each training site on that site's data only (its own plans);
 * ``centralized``: nnU-Net on the pooled training data (``make_pooled``), planned on the
-  pooled fingerprint (nnU-Net's plan-and-preprocess via :mod:`fedfs.nnunet_adapter`);
-* ``ffe_sync``: fedfs FFE, synchronous FedAvg over a folder bucket (``fedfs.simulate``:
+  pooled fingerprint (nnU-Net's plan-and-preprocess via :mod:`fedfs.nnunet.adapter`);
+* ``ffe_sync``: fedfs FFE, synchronous FedAvg over a folder bucket (``fedfs.ops.simulate``:
   aggregator and sites as separate processes), ``rounds`` rounds of ``local_epochs`` epochs;
 * ``asym_sync``: fedfs AsymFedAvg, synchronous, every site on its own plans;
 * ``ffe_async``: fedfs FFE with asynchronous FedBuff (buffer K = ``buffer_size``) where
@@ -32,7 +32,7 @@ fold 0 of nnU-Net's own 5-fold split:
   (fedfs's default ``buffer_trigger="fresh"``); the slow site's stale ones ride along,
   weighted ``1 / (1 + staleness)`` (fedfs's ``polynomial``, a = 1). A site's nnU-Net learning
   rate follows the federation's progress (fedfs does this by default,
-  :meth:`fedfs.nnunet_training.NnunetSession.train_epochs`). Measured on the way (one run
+  :meth:`fedfs.nnunet.training.NnunetSession.train_epochs`). Measured on the way (one run
   each unless said, benchmarks/notes.md): with classic FedBuff (``--buffer-trigger any``: the
   K-th update of any age) the fast sites fall out of step and nearly every update arrives one
   version stale; async - sync mean Dice was then -0.07 before the learning-rate fix and -0.012
@@ -45,11 +45,11 @@ training run, whatever the dataset size) and the paper's setup; ``--central-scal
 gives the centralized run the federation's total instead.
 
 Evaluation is nnU-Net's own: every model is exported as an nnU-Net model folder
-(``fedfs.export.export_site_model`` for federated models, ``export_model_folder`` for
+(``fedfs.ops.export.export_site_model`` for federated models, ``export_model_folder`` for
 local and centralized ones) and the test images are segmented with the real
 ``nnUNetv2_predict_from_modelfolder`` (the quick budget passes ``--disable_tta``: test-time
 mirroring, nnU-Net's default and ``--full``'s, is five times slower on CPU; ``--tta`` turns it
-on). Dice per case is nnU-Net's ``compute_metrics`` (:func:`fedfs.nnunet_inference.dice_per_case`);
+on). Dice per case is nnU-Net's ``compute_metrics`` (:func:`fedfs.nnunet.inference.dice_per_case`);
 HD95 is :func:`hd95` (MedPy's definition: the 95th percentile of the symmetric surface
 distances in mm, spacing honoured; a case with an empty prediction gets the image diagonal).
 Rows are per (method, test site): mean over that site's test cases. ``local`` on a training
@@ -171,7 +171,7 @@ def hd95_per_case(pred_folder: str | os.PathLike, gt_folder: str | os.PathLike, 
 # ------------------------------------------------------------------ the task
 
 def _styles() -> tuple[dict[str, Any], dict[str, Any]]:
-    from fedfs.synthetic import SiteStyle
+    from fedfs.testing.synthetic import SiteStyle
 
     train = {
         # large site, clean scanner, medium ellipses; 48 x 48 at 1 mm (FOV 48 mm)
@@ -246,7 +246,7 @@ class Task:
 
 
 def make_task(root: Path, seed: int) -> Task:
-    from fedfs.synthetic import make_pooled, make_site
+    from fedfs.testing.synthetic import make_pooled, make_site
 
     raw, heldout = root / "nnUNet_raw", root / "heldout"
     train, external = _styles()
@@ -318,7 +318,7 @@ class SlowMachine(threading.Thread):
 
 def arm_env(task: Task, arm: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """nnU-Net's folders for one arm (raw data shared, preprocessed and results its own)."""
-    from fedfs.nnunet_build import trainer_search_path
+    from fedfs.nnunet.build import trainer_search_path
 
     base = task.root / "arms" / arm
     env = {"nnUNet_raw": str(task.raw), "nnUNet_preprocessed": str(base / "nnUNet_preprocessed"),
@@ -332,7 +332,7 @@ def arm_env(task: Task, arm: str, extra: Mapping[str, str] | None = None) -> dic
 
 @contextlib.contextmanager
 def environ(env: Mapping[str, str]) -> Iterator[None]:
-    from fedfs.nnunet_build import nnunet_env
+    from fedfs.nnunet.build import nnunet_env
 
     with nnunet_env(env):
         yield
@@ -348,7 +348,7 @@ def _device() -> str:
 
 def plan_locally(dataset_id: int) -> None:
     """nnUNetv2_plan_and_preprocess -d ID -c 2d on the dataset's own fingerprint (caller sets the env)."""
-    from fedfs import nnunet_adapter as nn
+    from fedfs.nnunet import adapter as nn
 
     nn.local_fingerprint(dataset_id, num_processes=1)
     nn.plan_and_preprocess(dataset_id, [CONFIGURATION], num_processes=1)
@@ -357,8 +357,8 @@ def plan_locally(dataset_id: int) -> None:
 def train_centrally(dataset_id: int, budget: Budget, env: Mapping[str, str], out_dir: Path,
                     iterations: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """One plain nnU-Net training run (no federation), exported as a model folder."""
-    from fedfs.nnunet_inference import export_model_folder
-    from fedfs.nnunet_training import NnunetSession
+    from fedfs.nnunet.inference import export_model_folder
+    from fedfs.nnunet.training import NnunetSession
 
     t0 = time.monotonic()
     session = NnunetSession.create(dataset_id, CONFIGURATION, FOLD, "nnUNetTrainer", device=_device(),
@@ -411,9 +411,9 @@ def run_centralized(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
 
 
 def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool = False) -> dict[str, Any]:
-    from fedfs.export import export_site_model
+    from fedfs.ops.export import export_site_model
     from fedfs.federation import Federation
-    from fedfs.simulate import SimulationSpec, simulate
+    from fedfs.ops.simulate import SimulationSpec, simulate
 
     mode = "asym" if arm.startswith("asym") else "ffe"
     aggregation = "async" if arm.endswith("async") else "sync"
@@ -463,7 +463,7 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool =
 def _contributions(fed: Any, final_version: int) -> dict[str, list[int]]:
     """Per site, the staleness of each of its updates folded into v1 .. v<final> (from the manifests)."""
     from fedfs import layout
-    from fedfs.schema import GlobalManifest
+    from fedfs.protocol.schema import GlobalManifest
 
     out: dict[str, list[int]] = {}
     for v in range(1, final_version + 1):
@@ -494,7 +494,7 @@ def _test_inputs(task: Task, work: Path) -> dict[str, Path]:
 def evaluate(task: Task, models: Mapping[str, Path], inputs: Mapping[str, Path], work: Path,
              arm: str, tta: bool) -> dict[str, dict[str, dict[str, float]]]:
     """{model key: {test site: {dice, hd95, n}}} with nnUNetv2_predict_from_modelfolder + nnU-Net's Dice."""
-    from fedfs.nnunet_inference import dice_per_case, predict_folder
+    from fedfs.nnunet.inference import dice_per_case, predict_folder
 
     out: dict[str, dict[str, dict[str, float]]] = {}
     for key, model in models.items():

@@ -1,7 +1,7 @@
 """What does a federation round cost beyond training? Detection latency, poll cost, bytes moved.
 
 Training is replaced by a fixed sleep (:class:`SleepWork`, a real
-:class:`fedfs.site.LocalWork` whose weights have the shapes of nnU-Net's 2D
+:class:`fedfs.roles.site.LocalWork` whose weights have the shapes of nnU-Net's 2D
 5-stage network: 7.8 M float32 parameters in 88 tensors, 29.6 MiB), so only the
 federation's own cost is measured. Three sites and an aggregator each run the
 real role loop, ``run_loop(role.step, make_trigger(store, watch=..., poll_interval=...))``,
@@ -129,7 +129,7 @@ def model_shapes(model: str) -> dict[str, tuple[int, ...]]:
 
 
 class SleepWork:
-    """A :class:`fedfs.site.LocalWork` whose training is a fixed sleep.
+    """A :class:`fedfs.roles.site.LocalWork` whose training is a fixed sleep.
 
     ``train_round`` reads the whole global (validated and loaded, as a trainer
     would), sleeps ``sleep_s``, and writes global + a small perturbation as the update.
@@ -155,7 +155,7 @@ class SleepWork:
     def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
         import numpy as np
 
-        from fedfs.fingerprint import SiteSummaryBuilder, summarize_samples
+        from fedfs.fl.fingerprint import SiteSummaryBuilder, summarize_samples
 
         rng = np.random.default_rng(self.seed)
         spc = int(1000 // total_cases)
@@ -178,14 +178,14 @@ class SleepWork:
     def initial_weights(self, path: str) -> None:
         import torch
 
-        from fedfs.weights import save_weights
+        from fedfs.weights.tensors import save_weights
 
         gen = torch.Generator().manual_seed(1234)  # every site the same net, as nnU-Net's identical plans give
         save_weights(path, {k: torch.randn(s, generator=gen) * 0.05 for k, s in self.shapes.items()},
                      {"site": self.name, "init": "1"})
 
     def _load(self, global_path: str) -> dict[str, Any]:
-        from fedfs.weights import load_weights
+        from fedfs.weights.tensors import load_weights
 
         t0, c0 = time.time(), time.process_time()
         tensors, _ = load_weights(global_path, expected=self.shapes)
@@ -195,7 +195,7 @@ class SleepWork:
         return tensors
 
     def train_round(self, global_path: str, epochs: int, update_path: str) -> dict[str, float]:
-        from fedfs.weights import save_weights
+        from fedfs.weights.tensors import save_weights
 
         tensors = self._load(global_path)
         time.sleep(self.sleep_s)
@@ -396,7 +396,7 @@ def party_options(url: str, party: str) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------- set-up
 def make_keys(folder: Path) -> Path:
-    from fedfs.signing import generate_keypair
+    from fedfs.trust.signing import generate_keypair
 
     generate_keypair(AGGREGATOR, "aggregator", folder)
     for s in SITES:
@@ -420,8 +420,8 @@ def open_party(url: str, keys: Path, party: str):
 
 
 def make_role(fed, party: str, workdir: Path, model: str, sleep_s: float):
-    from fedfs.aggregator import Aggregator
-    from fedfs.site import Site
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.roles.site import Site
 
     if party == AGGREGATOR:
         return Aggregator(fed, workdir), None
@@ -432,7 +432,7 @@ def make_role(fed, party: str, workdir: Path, model: str, sleep_s: float):
 # ---------------------------------------------------------------------------- one party's loop
 def run_party(spec: dict[str, Any], stop: threading.Event | None = None) -> dict[str, Any]:
     """Run one party's real role loop to the end; return its timeline and request log."""
-    from fedfs.watch import make_trigger, run_loop
+    from fedfs.store.watch import make_trigger, run_loop
 
     party = spec["party"]
     fed, store = open_party(spec["url"], Path(spec["keys"]), party)

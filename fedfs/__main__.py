@@ -1,6 +1,6 @@
 """``python -m fedfs`` is the ``fedfs`` command."""
 
-from .cli import run
+from .cli.app import run
 
 if __name__ == "__main__":
     run()

@@ -20,12 +20,12 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from . import layout
-from .bucket import Bucket
-from .documents import canonical_json, loads_strict
+from .protocol import layout
+from .trust.bucket import Bucket
+from .protocol.documents import canonical_json, loads_strict
 from .errors import ConfigError, Conflict, IntegrityError, NotFound, SchemaError
-from .schema import FederationConfig, Party
-from .signing import Identity, load_identity, parse_envelope, parse_public_key, read_public_key_file, utcnow, verify_envelope
+from .protocol.schema import FederationConfig, Party
+from .trust.signing import Identity, load_identity, parse_envelope, parse_public_key, read_public_key_file, utcnow, verify_envelope
 from .store import Store, open_store
 
 MAX_FEDERATION_BYTES = 1024 * 1024
@@ -127,20 +127,20 @@ class Federation:
 
     # ---- the roles, as the CLI builds them ------------------------------------------
     def aggregator(self, workdir: str | os.PathLike[str]):
-        """This federation's :class:`~fedfs.aggregator.Aggregator` (needs the aggregator's key)."""
-        from .aggregator import Aggregator
+        """This federation's :class:`~fedfs.roles.aggregator.Aggregator` (needs the aggregator's key)."""
+        from .roles.aggregator import Aggregator
 
         return Aggregator(self, workdir)
 
     def site(self, work: Any, workdir: str | os.PathLike[str]):
-        """A :class:`~fedfs.site.Site` doing ``work`` (e.g. :class:`~fedfs.nnunet_work.NnunetWork`)."""
-        from .site import Site
+        """A :class:`~fedfs.roles.site.Site` doing ``work`` (e.g. :class:`~fedfs.nnunet.work.NnunetWork`)."""
+        from .roles.site import Site
 
         return Site(self, work, workdir)
 
     def site_client(self, workdir: str | os.PathLike[str]):
-        """A :class:`~fedfs.api.SiteClient` for scripted rounds with any PyTorch model."""
-        from .api import SiteClient
+        """A :class:`~fedfs.roles.client.SiteClient` for scripted rounds with any PyTorch model."""
+        from .roles.client import SiteClient
 
         return SiteClient(self, workdir)
 

@@ -60,7 +60,7 @@ def smb_url(samba):
 @pytest.fixture
 def keys(tmp_path_factory) -> Path:
     """Keys for an aggregator and sites A, B, C (generated once per session)."""
-    from fedfs.signing import generate_keypair
+    from fedfs.trust.signing import generate_keypair
 
     d = tmp_path_factory.getbasetemp() / "keys"
     if not (d / "agg.key").exists():

@@ -15,10 +15,10 @@ import threading
 import pytest
 
 from fedfs import layout
-from fedfs.bucket import Bucket
+from fedfs.trust.bucket import Bucket
 from fedfs.errors import ConfigError, Conflict, IntegrityError, InvalidName, NotFound, SignatureError, TooLarge
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import SiteCensus
+from fedfs.protocol.schema import SiteCensus
 
 from fedfs.store import open_store
 
@@ -183,7 +183,7 @@ class StoreConformance:
             b.get_blob_file(ref, str(tmp_path / "y.safetensors"))
 
     def test_doctor_reports_usable(self, store):
-        from fedfs.doctor import run_doctor
+        from fedfs.ops.doctor import run_doctor
 
         report = run_doctor(store)
         assert report.ok, report.render()

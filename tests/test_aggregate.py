@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfs.aggregate import (
+from fedfs.fl.aggregate import (
     CHUNK_ELEMS,
     FedAsync,
     FedAvg,
@@ -20,9 +20,9 @@ from fedfs.aggregate import (
     aggregate_asym,
     extract_site,
 )
-import fedfs.aggregate as aggregate_module
+import fedfs.fl.aggregate as aggregate_module
 from fedfs.errors import ConfigError, ValidationError
-from fedfs.weights import load_weights, save_weights
+from fedfs.weights.tensors import load_weights, save_weights
 
 
 @pytest.fixture

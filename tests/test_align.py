@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedfs.align import align_sites, canonical_keys, decoder_depth, group_keys, group_name, sharing
+from fedfs.fl.align import align_sites, canonical_keys, decoder_depth, group_keys, group_name, sharing
 from fedfs.errors import ConfigError
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fedfs import layout
-from fedfs.api import SiteClient
+from fedfs.roles.client import SiteClient
 from fedfs.errors import ConfigError
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import GlobalManifest
+from fedfs.protocol.schema import GlobalManifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch.py"
 

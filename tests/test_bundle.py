@@ -1,7 +1,7 @@
 """Air-gap bundles: a site with no bucket access takes part through signed tar files.
 
 Site C never opens the shared bucket. The coordinator exports what C needs, C imports
-it into its private folder, runs its steps there with :class:`fedfs.toy.ToyWork`,
+it into its private folder, runs its steps there with :class:`fedfs.testing.toy.ToyWork`,
 exports what it produced, and the coordinator imports that into the bucket, where the
 aggregator folds C's update into the next global. Tampered bundles are refused with
 the reason and leave the bucket untouched.
@@ -21,16 +21,16 @@ import torch
 from click.testing import CliRunner
 
 from fedfs import layout
-from fedfs.aggregator import Aggregator
-from fedfs.bundle import MANIFEST_NAME, BundleFile, BundleManifest, import_bundle
+from fedfs.roles.aggregator import Aggregator
+from fedfs.ops.bundle import MANIFEST_NAME, BundleFile, BundleManifest, import_bundle
 from fedfs.cli import main
-from fedfs.documents import canonical_json, loads_strict
+from fedfs.protocol.documents import canonical_json, loads_strict
 from fedfs.errors import Conflict, IntegrityError, InvalidName, SignatureError
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import BlobRef, GlobalManifest, Heartbeat, LatestHint, SiteCensus
-from fedfs.signing import generate_keypair, load_identity
-from fedfs.site import Site
-from fedfs.toy import ToyWork
+from fedfs.protocol.schema import BlobRef, GlobalManifest, Heartbeat, LatestHint, SiteCensus
+from fedfs.trust.signing import generate_keypair, load_identity
+from fedfs.roles.site import Site
+from fedfs.testing.toy import ToyWork
 
 FEDFS = str(Path(sys.executable).with_name("fedfs"))
 

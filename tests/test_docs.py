@@ -9,10 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_reference_is_current():
-    from fedfs.clidoc import render
+    from fedfs.cli.doc import render
 
     assert (ROOT / "docs" / "cli.md").read_text() == render(), \
-        "docs/cli.md is stale: run `python -m fedfs.clidoc > docs/cli.md`"
+        "docs/cli.md is stale: run `python -m fedfs.cli.doc > docs/cli.md`"
 
 
 def test_every_command_the_issue_names_exists():

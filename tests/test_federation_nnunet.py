@@ -21,8 +21,8 @@ import pytest
 
 from fedfs import layout
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import GlobalManifest, Heartbeat, UpdateManifest
-from fedfs.signing import generate_keypair
+from fedfs.protocol.schema import GlobalManifest, Heartbeat, UpdateManifest
+from fedfs.trust.signing import generate_keypair
 
 pytestmark = pytest.mark.nnunet
 FEDFS = [sys.executable, "-m", "fedfs"]
@@ -30,8 +30,8 @@ DICE_THRESHOLD = 0.8
 
 
 def nnunet_sites(root: Path, n: int = 3, n_train: int = 6):
-    from fedfs.simulate import nnunet_environment
-    from fedfs.synthetic import DEFAULT_STYLES, make_site
+    from fedfs.ops.simulate import nnunet_environment
+    from fedfs.testing.synthetic import DEFAULT_STYLES, make_site
 
     env = nnunet_environment(root, {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
                                     "nnUNet_results": str(root / "res"), "FEDFS_TORCH_THREADS": "1"})
@@ -74,14 +74,14 @@ def test_demo_ffe_sync_on_a_folder(tmp_path):
     assert [len(v.contributions) for v in versions] == [0, 3, 3]
     assert versions[-1].final
     # FFE: one set of plans for all
-    plans = {fed.bucket.read(layout.site_plans(s), __import__("fedfs.schema").schema.PlansDocument).doc.digest
+    plans = {fed.bucket.read(layout.site_plans(s), __import__("fedfs.protocol.schema").schema.PlansDocument).doc.digest
              for s in fed.config.site_names}
     assert len(plans) == 1
     assert_no_duplicates(fed, 2)
 
 
 def test_asym_async_on_s3_with_a_slow_site(tmp_path, s3_url, moto_endpoint):
-    from fedfs.simulate import SimulationSpec, simulate
+    from fedfs.ops.simulate import SimulationSpec, simulate
 
     env, sites = nnunet_sites(tmp_path)
     spec = SimulationSpec(datasets={n: str(s.dataset_id) for n, s in sites.items()}, mode="asym",

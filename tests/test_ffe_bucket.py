@@ -9,15 +9,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedfs import fingerprint as fp
+from fedfs.fl import fingerprint as fp
 from fedfs import layout
-from fedfs import nnunet_adapter as nn
-from fedfs.aggregator import Aggregator
+from fedfs.nnunet import adapter as nn
+from fedfs.roles.aggregator import Aggregator
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.nnunet_work import NnunetOptions, NnunetWork
-from fedfs.schema import GlobalFingerprint, GlobalManifest, PlansDocument
-from fedfs.signing import generate_keypair
-from fedfs.site import Site
+from fedfs.nnunet.work import NnunetOptions, NnunetWork
+from fedfs.protocol.schema import GlobalFingerprint, GlobalManifest, PlansDocument
+from fedfs.trust.signing import generate_keypair
+from fedfs.roles.site import Site
 from test_ffe_nnunet import POOLED, SITES, _case, _write
 
 

@@ -15,8 +15,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedfs import fingerprint as fp
-from fedfs import nnunet_adapter as nn
+from fedfs.fl import fingerprint as fp
+from fedfs.nnunet import adapter as nn
 from fedfs.errors import NnunetError
 
 import nnunetv2  # noqa: E402,F401 - a missing nnU-Net fails here, it is not skipped

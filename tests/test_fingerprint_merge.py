@@ -1,4 +1,4 @@
-"""Federated fingerprint math (fedfs.fingerprint), by hand and against numpy on pooled samples."""
+"""Federated fingerprint math (fedfs.fl.fingerprint), by hand and against numpy on pooled samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedfs import fingerprint as fp
+from fedfs.fl import fingerprint as fp
 from fedfs.errors import SchemaError, ValidationError
 
 

@@ -19,9 +19,9 @@ import nnunetv2  # noqa: F401 - a missing nnU-Net fails here, it is not skipped
 import SimpleITK  # noqa: F401
 import torch
 
-from fedfs import synthetic as syn  # noqa: E402
+from fedfs.testing import synthetic as syn  # noqa: E402
 from fedfs.errors import NnunetError  # noqa: E402
-from fedfs.nnunet_training import (ModelSpec, NnunetSession, dice_per_case, export_model_folder,  # noqa: E402
+from fedfs.nnunet.training import (ModelSpec, NnunetSession, dice_per_case, export_model_folder,  # noqa: E402
                                    model_folder_in_results, predict_folder, predict_from_results,
                                    trainer_search_path)
 
@@ -72,7 +72,7 @@ def _optimizer_tensors(session: NnunetSession) -> list[torch.Tensor]:
 
 
 def test_module_import_is_cheap():
-    code = ("import sys, fedfs.nnunet_training, fedfs.synthetic, fedfs.nnunet_trainers; "
+    code = ("import sys, fedfs.nnunet.training, fedfs.testing.synthetic, fedfs.nnunet.trainers; "
             "bad = [m for m in ('torch', 'nnunetv2', 'SimpleITK') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,11 +11,11 @@ import json
 import pytest
 
 from fedfs import layout
-from fedfs.documents import canonical_json
+from fedfs.protocol.documents import canonical_json
 from fedfs.errors import ConfigError, Conflict, IntegrityError, InvalidName, SchemaError, SignatureError, TooLarge
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import BlobRef, SiteCensus, UpdateManifest
-from fedfs.signing import generate_keypair, load_identity
+from fedfs.protocol.schema import BlobRef, SiteCensus, UpdateManifest
+from fedfs.trust.signing import generate_keypair, load_identity
 from fedfs.store import open_store
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from fedfs import layout
-from fedfs.aggregator import Aggregator
+from fedfs.roles.aggregator import Aggregator
 from fedfs.federation import Federation, config_from_key_dir
 from fedfs.errors import ValidationError
-from fedfs.schema import BlobRef, GlobalManifest, UpdateManifest
-from fedfs.site import Site
-from fedfs.toy import ToyWork
-from fedfs.weights import load_weights
+from fedfs.protocol.schema import BlobRef, GlobalManifest, UpdateManifest
+from fedfs.roles.site import Site
+from fedfs.testing.toy import ToyWork
+from fedfs.weights.tensors import load_weights
 
 
 def make_fed(tmp_path, keys, **settings):
@@ -216,7 +216,7 @@ def test_update_norm_plausibility_check(tmp_path, keys):
     fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2, update_norm_limit=1.0)
     setup(fed, aggregator, sites)
     # site C posts a "boosted" update: 100 x its real weights (a classic model-replacement attack)
-    from fedfs.weights import save_weights
+    from fedfs.weights.tensors import save_weights
 
     orig = sites["C"].work.train_round
 
@@ -239,8 +239,8 @@ def test_update_norm_plausibility_check(tmp_path, keys):
 
 
 def test_site_quarantines_a_forged_global(tmp_path, keys):
-    from fedfs.schema import StatusDocument
-    from fedfs.signing import load_identity
+    from fedfs.protocol.schema import StatusDocument
+    from fedfs.trust.signing import load_identity
 
     fed, aggregator, sites = make_fed(tmp_path, keys, rounds=2)
     setup(fed, aggregator, sites)

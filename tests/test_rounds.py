@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from fedfs.errors import SchemaError
-from fedfs.rounds import Pending, SetupState, decide_aggregation, decide_site, screen, setup_due
-from fedfs.schema import FederationConfig, Party
+from fedfs.protocol.rounds import Pending, SetupState, decide_aggregation, decide_site, screen, setup_due
+from fedfs.protocol.schema import FederationConfig, Party
 
 
 def cfg(**kw) -> FederationConfig:

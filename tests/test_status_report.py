@@ -1,6 +1,6 @@
 """``fedfs status`` and ``fedfs report`` on small toy federations, and the report in a real browser.
 
-Two federations are built once per module with :class:`fedfs.toy.ToyWork` (seconds): a
+Two federations are built once per module with :class:`fedfs.testing.toy.ToyWork` (seconds): a
 synchronous FFE one with 3 rounds, into which a forged update and a corrupted heartbeat
 are slipped, and an AsymFedAvg one whose sites have different depths. The report is
 rendered by headless Chromium (Debian's ``chromium``, installed by ``make test``).
@@ -23,14 +23,14 @@ import pytest
 from click.testing import CliRunner
 
 from fedfs import layout
-from fedfs.aggregator import Aggregator
+from fedfs.roles.aggregator import Aggregator
 from fedfs.cli import main
-from fedfs.documents import canonical_json
+from fedfs.protocol.documents import canonical_json
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.schema import BlobRef, UpdateManifest
-from fedfs.signing import generate_keypair, load_identity
-from fedfs.site import Site
-from fedfs.toy import ToyWork
+from fedfs.protocol.schema import BlobRef, UpdateManifest
+from fedfs.trust.signing import generate_keypair, load_identity
+from fedfs.roles.site import Site
+from fedfs.testing.toy import ToyWork
 
 CHROMIUM = "/usr/bin/chromium"
 FFE_PLOTS = {"plot-train-loss", "plot-pseudo-dice", "plot-staleness", "plot-round-durations", "plot-cases"}
@@ -149,7 +149,7 @@ def test_status_json_ffe(ffe):
 
 
 def test_status_reads_a_bounded_number_of_files(ffe):
-    from fedfs.status import collect_status
+    from fedfs.ops.status import collect_status
 
     store = ffe.store
     calls = {"list": 0, "read": 0}
@@ -260,7 +260,7 @@ def test_report_ffe_in_headless_chromium(ffe, tmp_path):
 
 
 def test_report_asym_shows_layer_sharing(asym, tmp_path):
-    from fedfs.report import collect_history
+    from fedfs.ops.report import collect_history
 
     out = tmp_path / "asym.html"
     cli("report", asym.store.url, "-o", str(out))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedfs import synthetic as syn
+from fedfs.testing import synthetic as syn
 
 import SimpleITK as sitk
 

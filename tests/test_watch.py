@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fedfs.store import open_store
-from fedfs.watch import InotifyTrigger, Trigger, make_trigger
+from fedfs.store.watch import InotifyTrigger, Trigger, make_trigger
 
 
 def test_auto_on_a_local_folder_wakes_on_a_new_file(tmp_path):
@@ -48,7 +48,7 @@ def test_a_dead_watcher_falls_back_to_polling_at_the_configured_interval(tmp_pat
         emitter = _crash_emitter(trigger, tmp_path)
         assert not emitter.is_alive() and not trigger.watching()
         # Execute
-        with caplog.at_level(logging.WARNING, logger="fedfs.watch"):
+        with caplog.at_level(logging.WARNING, logger="fedfs.store.watch"):
             trigger.wait()
         # Assert: it noticed, said so, and now polls every 0.05 s instead of every 30 s
         assert trigger.degraded and trigger.poll_interval == 0.05

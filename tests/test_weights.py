@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedfs.errors import IntegrityError, SchemaError, TooLarge, ValidationError
-from fedfs.weights import (
+from fedfs.weights.tensors import (
     canonical_state,
     inspect_weights,
     load_weights,

@@ -1,9 +1,9 @@
 """The Store interface every backend implements, and the one error-translation table.
 
 A store is a flat key/value space of bytes under one root URL. Keys are relative,
-``/``-separated, validated by :func:`fedfs.layout.check_key`. Backends implement
+``/``-separated, validated by :func:`fedfs.protocol.layout.check_key`. Backends implement
 six primitives; everything about signatures, digests and documents lives above,
-in :mod:`fedfs.bucket`, so a new backend is only these few methods.
+in :mod:`fedfs.trust.bucket`, so a new backend is only these few methods.
 
 ``publish`` is the one that matters: it is *exclusive* (put-if-absent) and
 atomic, so a reader never sees a half-written published file and two writers of
@@ -29,7 +29,7 @@ from ..errors import (
     StoreUnavailable,
     TooLarge,
 )
-from ..layout import check_key
+from ..protocol.layout import check_key
 
 CHUNK = 8 * 1024 * 1024
 

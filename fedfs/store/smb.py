@@ -64,7 +64,7 @@ from smbprotocol.exceptions import (
 from smbprotocol.header import NtStatus
 
 from ..errors import ConfigError, Conflict, FedfsError, NotFound, StateUnknown, StoreError, StoreUnavailable
-from ..layout import check_key
+from ..protocol.layout import check_key
 from .base import CHUNK, Store, too_large
 
 __all__ = ["SMBStore"]

@@ -1,6 +1,6 @@
 """Fault injection, the quick form of ``python benchmarks/faults.py --json --quick``.
 
-Real federations (3 sites + aggregator as separate ``fedfs.toy_party`` processes)
+Real federations (3 sites + aggregator as separate ``fedfs.testing.toy_party`` processes)
 are crashed, cut off and attacked while they run; each must finish with no corrupt
 global, no lost and no doubly applied update, and every bad input must be refused
 with the right reason in the refusing party's signed status document. The full
@@ -125,12 +125,12 @@ def test_a_site_survives_garbage_at_its_next_key(weakness):
 def test_the_audit_sees_corruption_duplicates_and_losses(bench, folder, tmp_path):
     """Negative control: globals re-signed with the aggregator's key, but wrong, are caught by the audit."""
     from fedfs import layout
-    from fedfs.aggregator import Aggregator
-    from fedfs.documents import canonical_json
-    from fedfs.schema import GlobalManifest
-    from fedfs.signing import load_identity
-    from fedfs.site import Site
-    from fedfs.toy import ToyWork
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.protocol.documents import canonical_json
+    from fedfs.protocol.schema import GlobalManifest
+    from fedfs.trust.signing import load_identity
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork
 
     sites_ = sorted(bench.SITES)
     keys = bench.make_keys(tmp_path / "keys", sites_)

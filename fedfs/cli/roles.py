@@ -1,0 +1,209 @@
+"""``fedfs site ...`` and ``fedfs aggregator ...``: the role commands (registered by :mod:`fedfs.cli.app`).
+
+Options mirror nnU-Net's where they mean the same thing; see :mod:`fedfs.cli.options`
+for the environment (``FEDFS_<OPTION>``) and ``--config`` TOML forms.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from .options import CONTEXT, common, default_workdir, nnunet_options, open_party, setup_logging, watch_options
+
+
+def _log_changes(name: str):
+    """A step-result logger that repeats a line only when it changes (polls are frequent)."""
+    logger = logging.getLogger(name)
+    last = {"line": None}
+
+    def log(result: object) -> None:
+        line = str(result)
+        if line != last["line"]:
+            logger.info("%s", line)
+            last["line"] = line
+
+    return log
+
+
+def make_site(url, key, workdir, federation_digest, storage_options, dataset, configuration, fold, trainer, plans, planner,
+              gpu_memory_target, device, num_processes, num_processes_fingerprint, verify_dataset_integrity,
+              iterations_per_epoch, val_iterations, no_final_validation, **_ignored):
+    from ..nnunet.work import NnunetOptions, NnunetWork
+    from ..roles.site import Site
+
+    fed = open_party(url, key, federation_digest, storage_options)
+    if not dataset:
+        raise ConfigError("no dataset: give -d (nnU-Net dataset id or name), FEDFS_DATASET or dataset in --config")
+    conf = configuration or fed.config.configuration
+    if conf != fed.config.configuration:
+        raise ConfigError(f"the federation trains {fed.config.configuration!r}, not {conf!r}")
+    work = NnunetWork(NnunetOptions(
+        dataset=str(dataset), configuration=conf, fold=fold, trainer=trainer, plans=plans, planner=planner,
+        gpu_memory_target=gpu_memory_target, device=device, num_processes=num_processes,
+        num_processes_fingerprint=num_processes_fingerprint, verify_dataset_integrity=verify_dataset_integrity,
+        iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
+        validate=not no_final_validation), mode=fed.config.mode)
+    return Site(fed, work, default_workdir(workdir, fed))
+
+
+@click.group(context_settings=CONTEXT)
+def site() -> None:
+    """Commands a hospital runs: fingerprint, plan, then train rounds.
+
+    \b
+    Example (a daemon that does everything, reacting to new files):
+      fedfs site run s3://fed-bucket/liver --key keys/A.key -d 501
+    """
+
+
+@site.command("fingerprint", context_settings=CONTEXT)
+@common
+@nnunet_options
+def site_fingerprint(**kw: Any) -> None:
+    """Publish this site's case count, then (once the aggregator's census is out) its
+    fingerprint summary; exit. FFE only.
+
+    \b
+    Example:
+      fedfs site fingerprint /mnt/share/fed --key keys/A.key -d 501 -npfp 4
+    """
+    setup_logging(kw["quiet"])
+    s = make_site(**kw)
+    if s.config.mode != "ffe":
+        raise ConfigError("fingerprints are merged in FFE mode only; in asym mode `fedfs site plan` plans locally")
+    _repeat(s, stop_at={"planned"}, phases={"census", "fingerprint"})
+
+
+@site.command("plan", context_settings=CONTEXT)
+@common
+@nnunet_options
+def site_plan(**kw: Any) -> None:
+    """Fingerprint if still due, then plan and preprocess with nnU-Net (from the merged
+    fingerprint in FFE, the local one in asym) and publish the plans digest; exit.
+
+    \b
+    Example:
+      fedfs site plan /mnt/share/fed --key keys/A.key -d 501 -pl ExperimentPlanner -np 4
+    """
+    setup_logging(kw["quiet"])
+    _repeat(make_site(**kw), stop_at={"planned"}, phases={"census", "fingerprint", "planned"})
+
+
+def _repeat(s, stop_at: set[str], phases: set[str]) -> None:
+    while True:
+        r = s.step()
+        click.echo(str(r))
+        if r.action in stop_at or r.action not in phases:
+            return
+
+
+@site.command("step", context_settings=CONTEXT)
+@common
+@nnunet_options
+def site_step(**kw: Any) -> None:
+    """Do whatever is due now and exit 0; for cron.
+
+    A step resumes nnU-Net from its own checkpoint, so cron may call it every
+    few minutes; a step that finds nothing due exits at once.
+
+    \b
+    Example (crontab):
+      */5 * * * * flock -n /tmp/fedfs-site.lock fedfs site step --config /etc/fedfs/site.toml
+    """
+    setup_logging(kw["quiet"])
+    s = make_site(**kw)
+    try:
+        while True:  # everything that is due now: e.g. plan, then train the round v0 allows
+            r = s.step()
+            click.echo(str(r))
+            if r.action in ("wait", "done", "finished"):
+                break
+    finally:
+        s.work.close()
+
+
+@site.command("run", context_settings=CONTEXT)
+@common
+@nnunet_options
+@watch_options
+def site_run(watch: str, poll_interval: float, **kw: Any) -> None:
+    """Run as a daemon: the whole pipeline, then a round whenever a new global appears.
+
+    \b
+    Example (systemd ExecStart):
+      fedfs site run --config /etc/fedfs/site.toml
+    """
+    from ..store.watch import make_trigger, run_loop
+
+    setup_logging(kw["quiet"])
+    s = make_site(**kw)
+    trigger = make_trigger(s.fed.store, watch=watch, poll_interval=poll_interval)
+    logging.getLogger("fedfs").info("site %s watching %s (%s)", s.name, s.fed.store.url, trigger.kind)
+    try:
+        result = run_loop(s.step, trigger, on_result=_log_changes("fedfs.roles.site"))
+        click.echo(str(result))
+    finally:
+        trigger.close()
+        s.work.close()
+
+
+def make_aggregator(url, key, workdir, federation_digest, storage_options, **_ignored):
+    from ..roles.aggregator import Aggregator
+
+    fed = open_party(url, key, federation_digest, storage_options)
+    return Aggregator(fed, default_workdir(workdir, fed))
+
+
+@click.group(context_settings=CONTEXT)
+def aggregator() -> None:
+    """Commands the coordinator runs: merge fingerprints, check plans, average updates.
+
+    \b
+    Example:
+      fedfs aggregator run s3://fed-bucket/liver --key keys/coordinator.key
+    """
+
+
+@aggregator.command("step", context_settings=CONTEXT)
+@common
+def aggregator_step(**kw: Any) -> None:
+    """Do whatever is due now and exit 0; for cron.
+
+    \b
+    Example (crontab):
+      * * * * * flock -n /tmp/fedfs-agg.lock fedfs aggregator step --config /etc/fedfs/aggregator.toml
+    """
+    setup_logging(kw["quiet"])
+    a = make_aggregator(**kw)
+    while True:
+        r = a.step()
+        click.echo(str(r))
+        if r.action in ("wait", "finished", "blocked"):
+            break
+
+
+@aggregator.command("run", context_settings=CONTEXT)
+@common
+@watch_options
+def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
+    """Run as a daemon until the final global is published.
+
+    \b
+    Example:
+      fedfs aggregator run /mnt/share/fed --key keys/coordinator.key --watch poll --poll-interval 10
+    """
+    from ..store.watch import make_trigger, run_loop
+
+    setup_logging(kw["quiet"])
+    a = make_aggregator(**kw)
+    trigger = make_trigger(a.fed.store, watch=watch, poll_interval=poll_interval)
+    logging.getLogger("fedfs").info("aggregator watching %s (%s)", a.fed.store.url, trigger.kind)
+    try:
+        result = run_loop(a.step, trigger, on_result=_log_changes("fedfs.roles.aggregator"))
+        click.echo(str(result))
+    finally:
+        trigger.close()

@@ -1,0 +1,305 @@
+"""``fedfs status``: where a federation stands, read from the bucket alone.
+
+:func:`collect_status` reads a constant number of small signed files, however
+long the federation has run: ``federation.json``, the ``latest`` hint plus one
+probe, the current global manifest, and per site its heartbeat, plans, status
+document and a few probes around the update cursor the current global names
+(``next_rounds``). Every file is verified like any reader verifies it; one
+that does not verify is reported under ``problems`` and never stops the report.
+
+:func:`render_status` turns the dict into a rich table for people; ``--json``
+prints the dict for machines.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import layout
+from ..errors import FedfsError, NotFound
+
+if TYPE_CHECKING:
+    from ..federation import Federation
+
+__all__ = ["collect_status", "render_status", "parse_time", "short_reason", "METRIC_NAMES"]
+
+#: The metrics ``fedfs status`` shows, and the names sites may report them under.
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "train_loss": ("train_loss",),
+    "pseudo_dice": ("pseudo_dice", "val_pseudo_dice"),
+    "epoch_time": ("epoch_time_s", "epoch_time"),
+}
+#: How far past the cursor, and how far before it, status looks for a site's newest update.
+_PROBE_AHEAD = 4
+_PROBE_BACK = 3
+
+
+def parse_time(stamp: str) -> float | None:
+    """An envelope's ``signed_at`` as a POSIX timestamp (None if it does not parse)."""
+    try:
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def short_reason(key: str, reason: str) -> str:
+    """A rejection reason without the leading location (``<bucket url>/<key>: ``) a table already shows."""
+    marker = f"{key}: "
+    i = reason.find(marker)
+    return reason[i + len(marker):] if 0 <= i <= 1024 else reason
+
+
+def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
+    """The named metrics (train_loss, pseudo_dice, epoch_time) from a manifest's or heartbeat's metrics."""
+    metrics = metrics or {}
+    out: dict[str, float | None] = {}
+    for name, aliases in METRIC_NAMES.items():
+        out[name] = next((float(metrics[a]) for a in aliases if a in metrics), None)
+    return out
+
+
+class _Reader:
+    """Verified reads that record problems instead of raising."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+        self.problems: list[dict[str, str]] = []
+
+    def read(self, key: str, cls: type) -> Any:
+        try:
+            return self.fed.bucket.read(key, cls)
+        except NotFound:
+            return None
+        except FedfsError as exc:
+            self.problems.append({"key": key, "error": str(exc)})
+            return None
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.fed.store.exists(key)
+        except FedfsError as exc:
+            self.problems.append({"key": key, "error": str(exc)})
+            return False
+
+
+def _latest_version(r: _Reader) -> int | None:
+    from ..protocol.schema import LatestHint
+
+    hint = r.read(layout.LATEST, LatestHint)
+    v = hint.doc.version if hint is not None else -1
+    # the hint may lag: probe forward (one probe when it is current)
+    while r.exists(layout.global_version(v + 1)):
+        v += 1
+    return None if v < 0 else v
+
+
+def _latest_update(r: _Reader, site: str, cursor: int) -> Any:
+    """The site's newest verifiable update near ``cursor``: ahead of it if any, else just before."""
+    from ..protocol.schema import UpdateManifest
+
+    newest = None
+    for n in range(cursor, cursor + _PROBE_AHEAD):
+        key = layout.site_update(site, n)
+        if not r.exists(key):
+            break
+        newest = r.read(key, UpdateManifest) or newest
+    if newest is not None:
+        return newest
+    for n in range(cursor - 1, max(-1, cursor - 1 - _PROBE_BACK), -1):
+        found = r.read(layout.site_update(site, n), UpdateManifest)
+        if found is not None:
+            return found
+    return None
+
+
+def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
+    """The federation's state as a JSON-ready dict, from a bounded number of bucket reads."""
+    from ..protocol.schema import GlobalManifest, Heartbeat, PlansDocument, StatusDocument
+
+    now = time.time() if now is None else now
+    c = fed.config
+    r = _Reader(fed)
+
+    version = _latest_version(r)
+    current = r.read(layout.global_version(version), GlobalManifest) if version is not None else None
+    glob: dict[str, Any] = {"version": version, "final": False, "published_at": None, "age_s": None,
+                            "contributions": [], "rule": None, "reason": None}
+    next_rounds: dict[str, int] = {}
+    if current is not None:
+        doc = current.doc
+        t = parse_time(current.signed_at)
+        glob.update(
+            final=bool(doc.final or doc.version >= c.rounds),
+            published_at=current.signed_at,
+            age_s=None if t is None else round(max(0.0, now - t), 1),
+            contributions=[{"site": x.site, "round": x.round, "base_version": x.base_version,
+                            "staleness": x.staleness, "weight": x.weight} for x in doc.contributions],
+            rule=doc.report.get("rule"),
+            reason=doc.report.get("reason") or doc.report.get("init"),
+        )
+        next_rounds = dict(doc.next_rounds)
+
+    rejected_by_agg: list[dict[str, str]] = []
+    agg_status = r.read(layout.AGG_STATUS, StatusDocument)
+    if agg_status is not None:
+        rejected_by_agg = [{"key": x.key, "reason": x.reason, "at": x.at, "by": agg_status.signer}
+                           for x in agg_status.doc.rejected]
+
+    sites: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+    for site in c.site_names:
+        hb = r.read(layout.site_heartbeat(site), Heartbeat)
+        plans = r.read(layout.site_plans(site), PlansDocument)
+        own_status = r.read(layout.site_status(site), StatusDocument)
+        update = _latest_update(r, site, next_rounds.get(site, 0))
+        if hb is not None:
+            phase = hb.doc.phase
+        elif any(p["key"] == layout.site_heartbeat(site) for p in r.problems):
+            phase = "unknown (heartbeat does not verify)"
+        else:
+            phase = _inferred_phase(r, site, plans)
+        hb_t = parse_time(hb.signed_at) if hb is not None else None
+        trained_from = update.doc.base_version if update is not None else None
+        if trained_from is None and hb is not None and hb.doc.base_version >= 0:
+            trained_from = hb.doc.base_version
+        metrics_src = update.doc.metrics if update is not None else (hb.doc.metrics if hb is not None else {})
+        prefix = layout.site_prefix(site)
+        rejected = [x for x in rejected_by_agg if x["key"].startswith(prefix)]
+        if own_status is not None:
+            rejected += [{"key": x.key, "reason": x.reason, "at": x.at, "by": site} for x in own_status.doc.rejected]
+        if plans is not None:
+            digests[site] = plans.doc.digest
+        sites[site] = {
+            "phase": phase,
+            "message": hb.doc.message if hb is not None else "",
+            "heartbeat_at": hb.signed_at if hb is not None else None,
+            "heartbeat_age_s": None if hb_t is None else round(max(0.0, now - hb_t), 1),
+            "trained_from": trained_from,
+            "staleness": (version - trained_from) if version is not None and trained_from is not None else None,
+            "last_update": None if update is None else {
+                "round": update.doc.round, "base_version": update.doc.base_version, "key": update.key,
+                "published_at": update.signed_at,
+                "aggregated": update.doc.round < next_rounds.get(site, 0)},
+            "updates_sent": (update.doc.round + 1) if update is not None else 0,
+            "metrics": pick_metrics(metrics_src),
+            "all_metrics": dict(metrics_src),
+            "plans": None if plans is None else {"identifier": plans.doc.plans_identifier,
+                                                 "digest": plans.doc.digest},
+            "rejected": rejected,
+        }
+
+    setup = {"census": r.exists(layout.CENSUS), "global_fingerprint": r.exists(layout.GLOBAL_FINGERPRINT),
+             "plans_identical": (len(set(digests.values())) == 1 if len(digests) == len(c.site_names) else None)}
+    return {
+        "url": fed.store.url,
+        "federation_id": c.federation_id,
+        "federation_digest": fed.digest,
+        "now": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "federation": {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration,
+                       "rounds": c.rounds, "local_epochs": c.local_epochs, "aggregator": c.aggregator.name,
+                       "sites": c.site_names},
+        "setup": setup,
+        "global": glob,
+        "sites": sites,
+        "rejected": [x for x in rejected_by_agg if not x["key"].startswith(layout.SITES + "/")],
+        "problems": r.problems,
+    }
+
+
+def _inferred_phase(r: _Reader, site: str, plans: Any) -> str:
+    """Without a heartbeat: how far the site got, from its write-once files."""
+    if plans is not None:
+        return "planned (no heartbeat)"
+    if r.exists(layout.site_fingerprint(site)):
+        return "fingerprint (no heartbeat)"
+    if r.exists(layout.site_census(site)):
+        return "census (no heartbeat)"
+    return "not started"
+
+
+# ---- rendering ---------------------------------------------------------------------
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 90:
+        return f"{s}s ago"
+    if s < 90 * 60:
+        return f"{s // 60}m ago"
+    if s < 36 * 3600:
+        return f"{s / 3600:.1f}h ago"
+    return f"{s / 86400:.1f}d ago"
+
+
+def _num(x: float | None, fmt: str = "{:.4g}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.0f}ms" if x < 1 else f"{x:.1f}s" if x < 600 else f"{x / 60:.1f}min"
+
+
+_PHASE_STYLE = {"training": "cyan", "published": "green", "done": "bold green", "waiting": "yellow",
+                "planning": "cyan", "planned": "green", "finishing": "cyan"}
+
+
+def render_status(d: dict[str, Any]) -> Any:
+    """A rich renderable: federation summary, one row per site, contributions, rejections, problems."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    f, g = d["federation"], d["global"]
+    parts: list[Any] = []
+    if g["version"] is None:
+        where = "set-up: " + ("merged fingerprint out" if d["setup"]["global_fingerprint"]
+                              else "census out" if d["setup"]["census"] else "waiting for sites")
+        head = f"no global model yet ({where})"
+    else:
+        state = "final" if g["final"] else f"round {g['version'] + 1} of {f['rounds']} in progress"
+        head = f"global v{g['version']} ({state}), published {human_age(g['age_s'])}"
+    parts.append(Text.assemble(("fedfs federation ", "bold"), (d["federation_id"][:12], "bold cyan"),
+                               f"  {d['url']}\n",
+                               f"mode {f['mode']}, {f['aggregation']}, configuration {f['configuration']}, "
+                               f"{f['rounds']} rounds x {f['local_epochs']} epoch(s), aggregator {f['aggregator']}\n",
+                               (head, "bold green" if g["final"] else "bold")))
+
+    t = Table(title="Sites", title_justify="left", expand=False)
+    for col, kw in [("Site", {"style": "bold"}), ("Phase", {}), ("Heartbeat", {}), ("Trained from", {}),
+                    ("Staleness", {"justify": "right"}), ("Train loss", {"justify": "right"}),
+                    ("Pseudo Dice", {"justify": "right"}), ("Epoch time", {"justify": "right"}),
+                    ("Rejected files", {})]:
+        t.add_column(col, **kw)
+    for name, s in d["sites"].items():
+        m = s["metrics"]
+        rej = "; ".join(f"{x['key'].rsplit('/', 1)[-1]}: {short_reason(x['key'], x['reason'])}"
+                        for x in s["rejected"][-3:])
+        if len(s["rejected"]) > 3:
+            rej = f"({len(s['rejected'])} in all) " + rej
+        t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")), human_age(s["heartbeat_age_s"]),
+                  "-" if s["trained_from"] is None else f"v{s['trained_from']}",
+                  _num(s["staleness"], "{}"), _num(m["train_loss"]), _num(m["pseudo_dice"], "{:.3f}"),
+                  _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"))
+    parts.append(t)
+
+    if g["contributions"]:
+        ct = Table(title=f"Contributions to v{g['version']} ({g['rule'] or 'initial'})", title_justify="left")
+        for col in ("Site", "Update", "Trained from", "Staleness", "Weight"):
+            ct.add_column(col, justify="left" if col == "Site" else "right")
+        for x in g["contributions"]:
+            ct.add_row(x["site"], f"r{x['round']}", f"v{x['base_version']}", str(x["staleness"]), f"{x['weight']:.4g}")
+        parts.append(ct)
+    elif g["version"] is not None:
+        parts.append(Text(f"v{g['version']}: {g['reason'] or 'no contributions'}", style="dim"))
+
+    if d["rejected"]:
+        parts.append(Text("Aggregator problems:", style="bold red"))
+        parts.extend(Text(f"  {x['key']}: {short_reason(x['key'], x['reason'])}", style="red") for x in d["rejected"])
+    if d["problems"]:
+        parts.append(Text("Files that do not verify (ignored by every party):", style="bold red"))
+        parts.extend(Text(f"  {p['key']}: {short_reason(p['key'], p['error'])}", style="red") for p in d["problems"])
+    return Group(*parts)

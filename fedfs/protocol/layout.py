@@ -1,0 +1,184 @@
+"""Every key name in a fedfs bucket, as pure functions. No I/O.
+
+The layout groups files by *writer*, so bucket permissions can be least
+privilege: a site writes only under ``sites/<site>/``, the aggregator only
+under ``aggregator/``; ``federation.json`` is written once by whoever runs
+``fedfs init``. Documents are JSON (``.json``), payloads are content-addressed
+(``blobs/<sha256>.<ext>``). See docs/protocol.md for the full table.
+
+Versions of the global model are integers ``v0, v1, ...`` rendered with six
+digits so that a lexical listing is also a numeric one.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import InvalidName
+
+FEDERATION = "federation.json"
+SITES = "sites"
+AGGREGATOR = "aggregator"
+
+MAX_NAME = 64
+MAX_KEY = 512
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=-]+$")
+_VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
+_ROUND_RE = re.compile(r"^r(\d{6,})\.json$")
+
+# Names a party may not take because they collide with layout folders or roles.
+RESERVED_NAMES = frozenset({"sites", "federation", "blobs", "tmp", "doctor"})
+
+
+def check_name(name: object, what: str = "site name") -> str:
+    """Return ``name`` if it is a safe party name, else raise InvalidName saying why.
+
+    Safe: 1-64 characters of letters, digits, ``_ . -``, starting with a letter
+    or digit; so no ``..``, no ``/``, no absolute path, nothing empty.
+    """
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} must be a string, got {type(name).__name__}")
+    if not name:
+        raise InvalidName(f"{what} is empty")
+    if len(name) > MAX_NAME:
+        raise InvalidName(f"{what} {name[:20]!r}... is {len(name)} characters; the limit is {MAX_NAME}")
+    if "/" in name or "\\" in name:
+        raise InvalidName(f"{what} {name!r} contains a path separator")
+    if ".." in name:
+        raise InvalidName(f"{what} {name!r} contains '..'")
+    if not _NAME_RE.match(name):
+        raise InvalidName(
+            f"{what} {name!r} may only use letters, digits, '_', '.', '-' and must start with a letter or digit"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidName(f"{what} {name!r} is reserved")
+    return name
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a safe relative bucket key, else raise InvalidName."""
+    if not isinstance(key, str) or not key:
+        raise InvalidName(f"bucket key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_KEY:
+        raise InvalidName(f"bucket key is {len(key)} characters; the limit is {MAX_KEY}")
+    if key.startswith("/") or "\\" in key:
+        raise InvalidName(f"bucket key {key!r} must be relative and use '/'")
+    for seg in key.split("/"):
+        if seg in ("", ".", "..") or not _SEGMENT_RE.match(seg):
+            raise InvalidName(f"bucket key {key!r} has an unsafe segment {seg!r}")
+    return key
+
+
+def check_sha256(digest: object) -> str:
+    if not isinstance(digest, str) or not _SHA_RE.match(digest):
+        raise InvalidName(f"{digest!r} is not a lowercase hex sha256")
+    return digest
+
+
+def _v(version: int) -> str:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidName(f"version must be a non-negative integer, got {version!r}")
+    return f"v{version:06d}"
+
+
+def _r(round_: int) -> str:
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise InvalidName(f"round must be a non-negative integer, got {round_!r}")
+    return f"r{round_:06d}"
+
+
+# ---- per-site keys (written only by that site) -------------------------------
+def site_prefix(site: str) -> str:
+    return f"{SITES}/{check_name(site)}/"
+
+
+def site_census(site: str) -> str:
+    """FFE phase 1: the site's training-case count."""
+    return site_prefix(site) + "fingerprint/census.json"
+
+
+def site_fingerprint(site: str) -> str:
+    """FFE phase 2 (or AsymFedAvg): the site's fingerprint summary."""
+    return site_prefix(site) + "fingerprint/summary.json"
+
+
+def site_plans(site: str) -> str:
+    """Digest and summary of the plans the site trains with."""
+    return site_prefix(site) + "plans.json"
+
+
+def site_update(site: str, round_: int) -> str:
+    """The manifest of the site's ``round_``-th update (it names its base version)."""
+    return site_prefix(site) + f"updates/{_r(round_)}.json"
+
+
+def site_updates_prefix(site: str) -> str:
+    return site_prefix(site) + "updates/"
+
+
+def site_heartbeat(site: str) -> str:
+    """A mutable hint: the site's phase and last sign of life."""
+    return site_prefix(site) + "heartbeat.json"
+
+
+def site_status(site: str) -> str:
+    """A mutable signed document: what this site rejected and why (quarantine)."""
+    return site_prefix(site) + "status.json"
+
+
+def site_blob(site: str, sha256: str, ext: str = "safetensors") -> str:
+    return site_prefix(site) + f"blobs/{check_sha256(sha256)}.{ext}"
+
+
+# ---- aggregator keys ----------------------------------------------------------
+AGG_PREFIX = f"{AGGREGATOR}/"
+CENSUS = AGG_PREFIX + "fingerprint/census.json"
+GLOBAL_FINGERPRINT = AGG_PREFIX + "fingerprint/global.json"
+LATEST = AGG_PREFIX + "latest.json"
+AGG_STATUS = AGG_PREFIX + "status.json"
+GLOBALS_PREFIX = AGG_PREFIX + "globals/"
+
+
+def global_version(version: int) -> str:
+    """The manifest of global model ``version`` (v0 is the initial model)."""
+    return GLOBALS_PREFIX + f"{_v(version)}.json"
+
+
+def aggregator_blob(sha256: str, ext: str = "safetensors") -> str:
+    return AGG_PREFIX + f"blobs/{check_sha256(sha256)}.{ext}"
+
+
+# ---- parsing -------------------------------------------------------------------
+def parse_version_key(key: str) -> int | None:
+    """``aggregator/globals/v000012.json`` -> 12; None for anything else."""
+    if not key.startswith(GLOBALS_PREFIX):
+        return None
+    m = _VERSION_RE.match(key[len(GLOBALS_PREFIX):])
+    return int(m.group(1)) if m else None
+
+
+def parse_update_key(key: str) -> tuple[str, int] | None:
+    """``sites/A/updates/r000003.json`` -> ("A", 3); None for anything else."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != SITES or parts[2] != "updates":
+        return None
+    m = _ROUND_RE.match(parts[3])
+    if not m:
+        return None
+    try:
+        site = check_name(parts[1])
+    except InvalidName:
+        return None
+    return site, int(m.group(1))
+
+
+def writer_of(key: str) -> tuple[str, str] | None:
+    """Which party may write ``key``: ("site", name), ("aggregator", "") or None (federation.json)."""
+    parts = key.split("/")
+    if parts[0] == SITES and len(parts) > 2:
+        return ("site", parts[1])
+    if parts[0] == AGGREGATOR:
+        return ("aggregator", "")
+    return None

@@ -1,0 +1,271 @@
+"""The concrete documents of the fedfs protocol (bodies; see :mod:`fedfs.trust.signing`
+for the signed envelope around them). Pure: no I/O.
+
+Field-by-field descriptions are in docs/protocol.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .documents import Document, document, field, require
+from .layout import check_key, check_name, check_sha256
+
+MODES = ("ffe", "asym", "fedavg")  # fedavg: any PyTorch model, no fingerprint phase
+AGGREGATIONS = ("sync", "async")
+BUFFER_TRIGGERS = ("fresh", "any")
+WEIGHTINGS = ("cases", "uniform")
+ALIGNS = ("resolution", "name")
+STALENESS = ("inverse_sqrt", "constant", "polynomial", "hinge")
+ROLES = ("site", "aggregator")
+
+
+@document("party")
+class Party(Document):
+    """One member of the federation and its Ed25519 public key (base64, raw 32 bytes)."""
+
+    name: str
+    role: str
+    public_key: str
+
+
+@document("federation", version=1)
+class FederationConfig(Document):
+    """``federation.json``: who takes part, with which keys, and how the federation trains.
+
+    Written once by ``fedfs init``; signed by the aggregator's key.
+    """
+
+    federation_id: str
+    mode: str
+    configuration: str
+    aggregator: Party
+    sites: list[Party]
+    rounds: int = 5
+    local_epochs: int = 1
+    aggregation: str = "sync"
+    buffer_size: int = 0  # FedBuff K; 0 means "number of sites"
+    buffer_trigger: str = "fresh"  # async: K counts updates trained from the current global ("any": of any age)
+    min_sites: int = 0  # sync deadline fallback; 0 means "all sites"
+    deadline_s: float = 0.0  # 0 means no deadline
+    eta: float = 1.0
+    staleness: str = "inverse_sqrt"
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    max_staleness: int = 8
+    weighting: str = "cases"
+    align: str = "resolution"
+    seed: int = 12345
+    update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
+    created: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        require(self.mode in MODES, where, f"mode must be one of {MODES}, got {self.mode!r}")
+        require(self.aggregation in AGGREGATIONS, where, f"aggregation must be one of {AGGREGATIONS}")
+        require(self.buffer_trigger in BUFFER_TRIGGERS, where,
+                f"buffer_trigger must be one of {BUFFER_TRIGGERS}, got {self.buffer_trigger!r}")
+        require(self.weighting in WEIGHTINGS, where, f"weighting must be one of {WEIGHTINGS}")
+        require(self.align in ALIGNS, where, f"align must be one of {ALIGNS}")
+        require(self.staleness in STALENESS, where, f"staleness must be one of {STALENESS}")
+        require(self.rounds >= 1, where, "rounds must be at least 1")
+        require(self.local_epochs >= 1, where, "local_epochs must be at least 1")
+        require(self.buffer_size >= 0 and self.min_sites >= 0, where, "buffer_size and min_sites must be >= 0")
+        require(self.deadline_s >= 0, where, "deadline_s must be >= 0")
+        require(self.max_staleness >= 0, where, "max_staleness must be >= 0")
+        require(0 < self.eta <= 10, where, "eta must be in (0, 10]")
+        require(self.update_norm_limit >= 0, where, "update_norm_limit must be >= 0")
+        require(len(self.sites) >= 1, where, "a federation needs at least one site")
+        check_name(self.aggregator.name, "aggregator name")
+        require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")
+        names = [s.name for s in self.sites]
+        for s in self.sites:
+            check_name(s.name)
+            require(s.role == "site", where, f"site {s.name!r} must have role 'site'")
+        require(len(set(names)) == len(names), where, "site names must be unique")
+        require(self.aggregator.name not in names, where, "the aggregator's name must differ from every site's")
+
+    @property
+    def site_names(self) -> list[str]:
+        return sorted(s.name for s in self.sites)
+
+    def party(self, name: str) -> Party | None:
+        if name == self.aggregator.name:
+            return self.aggregator
+        return next((s for s in self.sites if s.name == name), None)
+
+    @property
+    def k(self) -> int:
+        """Updates per aggregation: FedBuff's K, or every site in sync mode."""
+        if self.aggregation == "sync" or self.buffer_size == 0:
+            return len(self.sites)
+        return min(self.buffer_size, len(self.sites))
+
+
+@document("blob")
+class BlobRef(Document):
+    """A content-addressed payload: its key, sha256 and size in bytes."""
+
+    key: str
+    sha256: str
+    size: int
+
+    def validate(self, where: str) -> None:
+        check_key(self.key)
+        check_sha256(self.sha256)
+        require(self.size >= 0, where, "blob size must be >= 0")
+        require(self.sha256 in self.key, where, "blob key must contain its sha256")
+
+
+@document("site-census")
+class SiteCensus(Document):
+    """FFE phase 1: how many training cases a site has (and its channel count)."""
+
+    site: str
+    num_cases: int
+    num_channels: int
+    nnunet_version: str = ""
+
+    def validate(self, where: str) -> None:
+        check_name(self.site)
+        require(self.num_cases >= 1, where, f"num_cases must be >= 1, got {self.num_cases}")
+        require(self.num_channels >= 1, where, f"num_channels must be >= 1, got {self.num_channels}")
+
+
+@document("census")
+class Census(Document):
+    """Aggregator's answer to phase 1: the federation-wide case count phase 2 needs."""
+
+    total_cases: int
+    num_channels: int
+    sites: dict[str, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        require(self.total_cases == sum(self.sites.values()), where, "total_cases must equal the sum of site counts")
+
+
+@document("fingerprint-summary")
+class FingerprintSummary(Document):
+    """FFE phase 2 (or an AsymFedAvg local fingerprint): a site's mergeable summary."""
+
+    site: str
+    mode: str
+    total_cases: int
+    summary: dict[str, Any]
+
+
+@document("global-fingerprint")
+class GlobalFingerprint(Document):
+    """The merged nnU-Net ``dataset_fingerprint.json`` every FFE site plans from."""
+
+    fingerprint: dict[str, Any]
+    sites: list[str]
+    total_cases: int
+
+
+@document("plans")
+class PlansDocument(Document):
+    """The digest and a summary of the plans a site trains with."""
+
+    site: str
+    plans_identifier: str
+    configuration: str
+    digest: str
+    summary: dict[str, Any]
+    nnunet_version: str = ""
+    init_blob: BlobRef | None = None  # the site's initial weights: its declared architecture
+
+    def validate(self, where: str) -> None:
+        check_name(self.site)
+        check_sha256(self.digest)
+
+
+@document("update")
+class UpdateManifest(Document):
+    """A site's model update for one round: trained from global ``base_version``."""
+
+    site: str
+    round: int
+    base_version: int
+    blob: BlobRef
+    num_cases: int
+    plans_digest: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        check_name(self.site)
+        require(self.round >= 0, where, "round must be >= 0")
+        require(self.base_version >= 0, where, "base_version must be >= 0")
+        require(self.num_cases >= 1, where, "num_cases must be >= 1")
+
+
+@document("contribution")
+class Contribution(Document):
+    """One update folded into a global version, with the weight it got."""
+
+    site: str
+    round: int
+    key: str
+    sha256: str
+    base_version: int
+    staleness: int
+    weight: float
+
+
+@document("global")
+class GlobalManifest(Document):
+    """Global model ``version``. ``blob`` for FFE; ``site_blobs`` per site for AsymFedAvg."""
+
+    version: int
+    blob: BlobRef | None = None
+    site_blobs: dict[str, BlobRef] = field(default_factory=dict)
+    contributions: list[Contribution] = field(default_factory=list)
+    next_rounds: dict[str, int] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    final: bool = False
+
+    def validate(self, where: str) -> None:
+        require(self.version >= 0, where, "version must be >= 0")
+        require(self.blob is not None or bool(self.site_blobs), where, "a global names at least one blob")
+        for site in self.site_blobs:
+            check_name(site)
+
+    def blob_for(self, site: str) -> BlobRef | None:
+        """The weights ``site`` trains from: its own in AsymFedAvg, the one global in FFE."""
+        return self.site_blobs.get(site, self.blob)
+
+
+@document("latest")
+class LatestHint(Document):
+    """A mutable hint: the newest global version the aggregator published."""
+
+    version: int
+
+
+@document("heartbeat")
+class Heartbeat(Document):
+    """A mutable hint: a party's phase and last sign of life."""
+
+    party: str
+    phase: str
+    round: int = -1
+    base_version: int = -1
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@document("rejection")
+class Rejection(Document):
+    key: str
+    reason: str
+    at: str
+
+
+@document("status")
+class StatusDocument(Document):
+    """A party's quarantine record: files it rejected and why."""
+
+    party: str
+    rejected: list[Rejection] = field(default_factory=list)

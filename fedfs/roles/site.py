@@ -1,0 +1,353 @@
+"""The site role: fingerprint, plan, then train a round whenever a new global appears.
+
+:meth:`Site.step` reads the bucket, decides (pure, :mod:`fedfs.protocol.rounds`) and
+does at most one thing: publish the FFE census, publish the fingerprint
+summary, plan and preprocess, train one round and publish the update, or
+finish. The local work (nnU-Net or any other trainer) sits behind
+:class:`LocalWork`, so the role is the same for nnU-Net and for plain PyTorch.
+
+Crash safety: a trained update is first written to ``workdir/updates`` and
+recorded in ``workdir/state.json``, then the trainer checkpoints, then the
+update is uploaded and its manifest published. A site killed at any point and
+started again either republishes the recorded update (idempotent) or retrains
+the round from its last checkpoint; it never sends two updates for one round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import faults
+from ..protocol import layout
+from ..errors import ConfigError, NotFound, ValidationError
+from ..federation import Federation
+from ..protocol.rounds import decide_site
+from ..protocol.schema import (
+    BlobRef,
+    Census,
+    FingerprintSummary,
+    GlobalFingerprint,
+    GlobalManifest,
+    Heartbeat,
+    PlansDocument,
+    Rejection,
+    SiteCensus,
+    StatusDocument,
+    UpdateManifest,
+)
+from ..trust.signing import utcnow
+
+log = logging.getLogger("fedfs.roles.site")
+
+#: While idle, a site refreshes its heartbeat at most this often (seconds).
+HEARTBEAT_EVERY_S = 60.0
+
+
+class LocalWork(Protocol):
+    """What a site does locally. :class:`fedfs.nnunet.work.NnunetWork` is the nnU-Net one."""
+
+    def census(self) -> tuple[int, int]:
+        """(training cases, image channels)."""
+
+    def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
+        """FFE phase 2: the mergeable summary, sampled as for ``total_cases`` federation cases."""
+
+    def plan(self, global_fingerprint: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
+        """Plan (from the global fingerprint in FFE, the local one otherwise) and preprocess.
+        Returns (plans identifier, plans summary to publish, plans digest)."""
+
+    def start(self, total_epochs: int) -> None:
+        """Build or resume the trainer for ``total_epochs`` epochs in all."""
+
+    def initial_weights(self, path: str) -> None:
+        """Write the untrained network's weights (safetensors) to ``path``."""
+
+    def train_round(self, global_path: str, epochs: int, update_path: str) -> dict[str, float]:
+        """Load ``global_path``, train ``epochs`` epochs, write the result to ``update_path``; return metrics."""
+
+    def checkpoint(self) -> None:
+        """Persist the trainer's own state (epoch, optimizer, logger) for a restart."""
+
+    # Optional: ``follow_progress(epoch)``, called before each ``train_round`` with the
+    # federation's progress in epochs (base version x local epochs), for trainers whose
+    # learning-rate schedule depends on progress (nnU-Net's poly schedule).
+
+    def finish(self, global_path: str) -> dict[str, Any]:
+        """Load the final global, run the trainer's final steps; return a summary."""
+
+    @property
+    def num_cases(self) -> int: ...
+
+
+@dataclass
+class SiteState:
+    """The site's local memory, in ``workdir/state.json`` (written atomically)."""
+
+    planned: bool = False
+    plans_digest: str = ""
+    updates_sent: int = 0
+    last_base: int | None = None
+    training: dict[str, Any] | None = None  # the round being trained (for crash recovery)
+    pending: dict[str, Any] | None = None  # a trained, not yet published update
+    finished: bool = False
+    final_version: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> SiteState:
+        if not path.exists():
+            return cls()
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: unreadable site state ({exc}); move it away to start this site afresh") from None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+@dataclass
+class SiteStep:
+    action: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action}: {self.detail}" if self.detail else self.action
+
+
+class Site:
+    """One site of a federation; ``work`` does the local computing."""
+
+    def __init__(self, fed: Federation, work: LocalWork, workdir: str | os.PathLike[str]) -> None:
+        self.fed = fed
+        self.identity = fed.require_identity("site")
+        self.name = self.identity.name
+        self.config = fed.config
+        self.bucket = fed.bucket
+        self.work = work
+        self.dir = Path(workdir)
+        (self.dir / "updates").mkdir(parents=True, exist_ok=True)
+        (self.dir / "globals").mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = SiteState.load(self.state_path)
+        self._started = False
+        self._rejected: dict[str, str] = {}
+        self._rejected_at: dict[str, str] = {}
+
+    @property
+    def total_epochs(self) -> int:
+        return self.config.rounds * self.config.local_epochs
+
+    def _save(self) -> None:
+        self.state.save(self.state_path)
+
+    def heartbeat(self, phase: str, message: str = "", **kw: Any) -> None:
+        """Write the heartbeat hint when the phase or message changes, else at most once a minute."""
+        now = time.monotonic()
+        sig = (phase, message)
+        if sig == getattr(self, "_last_hb", None) and now - getattr(self, "_last_hb_t", 0.0) < HEARTBEAT_EVERY_S:
+            return
+        self._last_hb, self._last_hb_t = sig, now
+        try:
+            self.bucket.write_mutable(layout.site_heartbeat(self.name),
+                                      Heartbeat(party=self.name, phase=phase, message=message, **kw), self.identity)
+        except Exception as exc:  # noqa: BLE001 - a heartbeat is a hint, never a reason to fail a step
+            log.warning("heartbeat not written: %s", exc)
+
+    def run(self, **kw: Any) -> SiteStep:
+        """Step until this site has finished, waking on new files (see :func:`fedfs.store.watch.run_role`)."""
+        from ..store.watch import run_role
+
+        return run_role(self.step, self.fed.store, **kw)
+
+    # ---- the step ---------------------------------------------------------------
+    def step(self) -> SiteStep:
+        """Do whatever is due now (at most one long action) and return what was done.
+
+        A file from the bucket that fails verification (a forged or corrupt global, say) is
+        never used: it is recorded with the reason in this site's signed status document
+        (``sites/<S>/status.json``) and the step reports "blocked"; the site keeps polling.
+        """
+        try:
+            return self._step()
+        except ValidationError as exc:
+            self._quarantine(str(exc))
+            self.heartbeat("blocked", str(exc)[:300])
+            return SiteStep("blocked", str(exc))
+
+    def _quarantine(self, reason: str) -> None:
+        prefix = self.fed.store.url.rstrip("/") + "/"
+        key = reason.split(": ", 1)[0][len(prefix):] if reason.startswith(prefix) else "-"
+        if self._rejected.get(key) == reason:
+            return
+        log.warning("rejected %s: %s", key, reason)
+        self._rejected[key] = reason
+        now = utcnow()
+        self._rejected_at.setdefault(key, now)
+        entries = sorted(self._rejected.items(), key=lambda kv: self._rejected_at.get(kv[0], ""))[-200:]
+        doc = StatusDocument(party=self.name, rejected=[Rejection(key=k, reason=r, at=self._rejected_at[k])
+                                                        for k, r in entries])
+        try:
+            self.bucket.write_mutable(layout.site_status(self.name), doc, self.identity)
+        except Exception as exc:  # noqa: BLE001 - the record is best effort; the refusal itself stands
+            log.warning("status not written: %s", exc)
+
+    def _step(self) -> SiteStep:
+        if self.state.finished:
+            return SiteStep("done", f"finished with global v{self.state.final_version}")
+        if not self.state.planned:
+            return self._setup_step()
+        if self.state.pending is None and self.state.training is not None:
+            self._recover_training()
+        if self.state.pending is not None:
+            return self._publish_pending()
+        version, manifest = self._latest()
+        d = decide_site(self.config, version, bool(manifest and manifest.doc.final), self.state.updates_sent,
+                        self.state.last_base, self.state.finished)
+        if d.action == "train":
+            return self._train(d.round, d.base_version, manifest)
+        if d.action == "finish":
+            return self._finish(version, manifest)
+        self.heartbeat("waiting", d.reason, round=self.state.updates_sent, base_version=self.state.last_base or -1)
+        return SiteStep("wait", d.reason)
+
+    def _latest(self):
+        v = self.bucket.latest_version()
+        if v is None:
+            return None, None
+        if getattr(self, "_manifest", None) is None or self._manifest.doc.version != v:
+            self._manifest = self.bucket.read(layout.global_version(v), GlobalManifest)
+        return v, self._manifest
+
+    # ---- set-up --------------------------------------------------------------------
+    def _setup_step(self) -> SiteStep:
+        store = self.fed.store
+        gfp = None
+        if self.config.mode == "ffe":
+            if not store.exists(layout.site_census(self.name)):
+                n, ch = self.work.census()
+                self.bucket.publish(layout.site_census(self.name), SiteCensus(site=self.name, num_cases=n,
+                                                                              num_channels=ch), self.identity)
+                self.heartbeat("census", f"{n} cases")
+                return SiteStep("census", f"published: {n} cases, {ch} channel(s)")
+            if not store.exists(layout.site_fingerprint(self.name)):
+                try:
+                    census = self.bucket.read(layout.CENSUS, Census).doc
+                except NotFound:
+                    self.heartbeat("waiting", "waiting for the federation census")
+                    return SiteStep("wait", "waiting for the aggregator's census")
+                summary = self.work.fingerprint_summary(census.total_cases)
+                doc = FingerprintSummary(site=self.name, mode="ffe", total_cases=census.total_cases, summary=summary)
+                self.bucket.publish(layout.site_fingerprint(self.name), doc, self.identity)
+                self.heartbeat("fingerprint", "summary published")
+                return SiteStep("fingerprint", f"summary published ({census.total_cases} federation cases)")
+            try:
+                gfp = self.bucket.read(layout.GLOBAL_FINGERPRINT, GlobalFingerprint).doc.fingerprint
+            except NotFound:
+                self.heartbeat("waiting", "waiting for the merged fingerprint")
+                return SiteStep("wait", "waiting for the merged fingerprint")
+        self.heartbeat("planning", "planning and preprocessing")
+        identifier, summary, digest = self.work.plan(gfp)
+        self.work.start(self.total_epochs)
+        self._started = True
+        init = self.dir / "updates" / "init.safetensors"
+        self.work.initial_weights(str(init))
+        ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), str(init))
+        doc = PlansDocument(site=self.name, plans_identifier=identifier, configuration=self.config.configuration,
+                            digest=digest, summary=summary, init_blob=ref, nnunet_version=summary.get("nnunet_version", ""))
+        self.bucket.publish(layout.site_plans(self.name), doc, self.identity)
+        self.state.planned, self.state.plans_digest = True, digest
+        self._save()
+        self.heartbeat("planned", f"plans {digest[:12]}")
+        return SiteStep("planned", f"plans {identifier} ({digest[:12]}) and initial weights published")
+
+    # ---- rounds ---------------------------------------------------------------------
+    def _fetch_global(self, manifest) -> str:
+        ref: BlobRef | None = manifest.doc.blob_for(self.name)
+        if ref is None:
+            raise ValidationError(f"{manifest.key}: names no weights for site {self.name}")
+        path = self.dir / "globals" / f"{ref.sha256}.safetensors"
+        if not path.exists():
+            self.bucket.get_blob_file(ref, str(path))
+        return str(path)
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self.work.start(self.total_epochs)
+            self._started = True
+
+    def _train(self, round_: int, base: int, manifest) -> SiteStep:
+        self._ensure_started()
+        gpath = self._fetch_global(manifest)
+        self.heartbeat("training", f"round r{round_} from v{base}", round=round_, base_version=base)
+        out = self.dir / "updates" / f"r{round_:06d}.safetensors"
+        t0 = time.time()
+        epochs = self.config.local_epochs
+        self.state.training = {"round": round_, "base": base, "epoch_before": int(getattr(self.work, "epoch", 0))}
+        self._save()
+        follow = getattr(self.work, "follow_progress", None)
+        if follow is not None:
+            follow(base * epochs)
+        metrics = self.work.train_round(gpath, epochs, str(out))
+        faults.point("site.mid_training")
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics.setdefault("round_time_s", time.time() - t0)
+        self.state.pending = {"round": round_, "base": base, "path": str(out), "metrics": metrics}
+        self.state.training = None
+        self._save()
+        self.work.checkpoint()
+        return self._publish_pending()
+
+    def _recover_training(self) -> None:
+        """A crash during a round: if the trainer's checkpoint already holds the trained round,
+        record it as the pending update (with its original base); otherwise train again."""
+        prior = self.state.training
+        self.state.training = None
+        recover = getattr(self.work, "recover_round", None)
+        if recover is None:
+            self._save()
+            return
+        self._ensure_started()
+        out = self.dir / "updates" / f"r{prior['round']:06d}.safetensors"
+        if recover(prior["epoch_before"], self.config.local_epochs, str(out)):
+            log.info("round r%d was trained before a crash; publishing it from the trainer's checkpoint", prior["round"])
+            self.state.pending = {"round": prior["round"], "base": prior["base"], "path": str(out),
+                                  "metrics": {"recovered": 1.0}}
+        self._save()
+
+    def _publish_pending(self) -> SiteStep:
+        p = self.state.pending
+        assert p is not None
+        faults.point("site.before_publish")
+        ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), p["path"])
+        faults.point("site.after_upload")
+        doc = UpdateManifest(site=self.name, round=p["round"], base_version=p["base"], blob=ref,
+                             num_cases=self.work.num_cases, plans_digest=self.state.plans_digest, metrics=p["metrics"])
+        self.bucket.publish(layout.site_update(self.name, p["round"]), doc, self.identity)
+        self.state.updates_sent = p["round"] + 1
+        self.state.last_base = p["base"]
+        self.state.pending = None
+        self._save()
+        self.heartbeat("published", f"update r{p['round']} from v{p['base']}", round=p["round"],
+                       base_version=p["base"], metrics=p["metrics"])
+        return SiteStep("update", f"r{p['round']} from v{p['base']} published "
+                                  + ", ".join(f"{k}={v:.4g}" for k, v in sorted(p["metrics"].items())))
+
+    def _finish(self, version: int, manifest) -> SiteStep:
+        self._ensure_started()
+        gpath = self._fetch_global(manifest)
+        self.heartbeat("finishing", f"final global v{version}")
+        summary = self.work.finish(gpath)
+        self.state.finished, self.state.final_version, self.state.summary = True, version, summary
+        self._save()
+        self.heartbeat("done", f"finished with v{version}", metrics={k: float(v) for k, v in summary.items()
+                                                                     if isinstance(v, (int, float))})
+        return SiteStep("finished", f"final global v{version} loaded; {summary}")

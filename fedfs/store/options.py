@@ -1,0 +1,37 @@
+"""Backend options from flags and the environment (``-so KEY=VALUE``, ``FEDFS_STORAGE_OPTIONS``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["parse_storage_options", "SECRET_OPTION_NAMES"]
+
+#: Option names that are secrets: never taken as flags, only from the environment.
+SECRET_OPTION_NAMES = frozenset({"password", "secret", "key", "token", "secret_access_key"})
+
+
+def parse_storage_options(pairs: Iterable[str] = ()) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs over ``FEDFS_STORAGE_OPTIONS`` (JSON); values parsed as JSON when they parse."""
+    opts: dict[str, Any] = {}
+    env = os.environ.get("FEDFS_STORAGE_OPTIONS")
+    if env:
+        try:
+            opts.update(json.loads(env))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"FEDFS_STORAGE_OPTIONS is not valid JSON: {exc.msg}") from None
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"storage option {pair!r} must look like key=value")
+        k, v = pair.split("=", 1)
+        if k.lower() in SECRET_OPTION_NAMES:
+            raise ConfigError(f"secrets are not taken as flags: set {k} in the environment (see docs/security.md)")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return opts

@@ -1,0 +1,116 @@
+"""A tiny plain-PyTorch :class:`~fedfs.roles.site.LocalWork`, for tests, examples and benchmarks.
+
+Each site "trains" a small convolutional model towards a site-specific target
+by a few steps of SGD on synthetic data. It needs no nnU-Net and runs in
+milliseconds, so the protocol (rounds, barriers, staleness, crashes) can be
+exercised end to end. ``depth`` changes the architecture, for AsymFedAvg.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+
+class ToyWork:
+    """A site's local work on a toy model; deterministic given ``seed``."""
+
+    def __init__(self, name: str, cases: int = 4, seed: int = 0, depth: int = 2, width: int = 8,
+                 lr: float = 0.1, steps: int = 5, delay_s: float = 0.0) -> None:
+        self.name, self.cases, self.seed, self.depth, self.width = name, cases, seed, depth, width
+        self.lr, self.steps, self.delay_s = lr, steps, delay_s
+        self.model = None
+        self.epoch = 0
+        self.total_epochs = 0
+        self.trained_rounds = 0
+
+    @property
+    def num_cases(self) -> int:
+        return self.cases
+
+    def census(self) -> tuple[int, int]:
+        return self.cases, 1
+
+    def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
+        from ..fl.fingerprint import SiteSummaryBuilder, summarize_samples
+
+        rng = np.random.default_rng(self.seed)
+        spc = int(1000 // total_cases)
+        b = SiteSummaryBuilder(1, total_cases, spc)
+        for _ in range(self.cases):
+            samples = np.round(rng.normal(100 + self.seed, 10, spc)).astype(np.float32)
+            b.add_case([1.0, 1.0], [64, 64], 1.0, [summarize_samples(samples)], "float32")
+        return b.summary()
+
+    def plan(self, global_fingerprint: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
+        plans = {"plans_name": "ToyPlans", "depth": self.depth, "width": self.width,
+                 "fingerprint_cases": len(global_fingerprint["spacings"]) if global_fingerprint else self.cases}
+        digest = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+        return "ToyPlans", {"plans": plans}, digest
+
+    def _build(self):
+        import torch
+
+        torch.manual_seed(self.seed)
+        layers = [torch.nn.Conv2d(1, self.width, 3, padding=1)]
+        for _ in range(self.depth - 1):
+            layers += [torch.nn.ReLU(), torch.nn.Conv2d(self.width, self.width, 3, padding=1)]
+        layers += [torch.nn.ReLU(), torch.nn.Conv2d(self.width, 2, 1)]
+        return torch.nn.Sequential(*layers)
+
+    def start(self, total_epochs: int) -> None:
+        self.total_epochs = total_epochs
+        if self.model is None:
+            self.model = self._build()
+
+    def initial_weights(self, path: str) -> None:
+        from ..weights.tensors import save_weights
+
+        save_weights(path, self.model, {"site": self.name, "init": "1"})
+
+    def _load(self, path: str) -> None:
+        from ..weights.tensors import load_weights
+
+        tensors, _ = load_weights(path)
+        own = dict(self.model.named_parameters())
+        import torch
+
+        with torch.no_grad():
+            for k, t in tensors.items():
+                if k in own and own[k].shape == t.shape:
+                    own[k].copy_(t)
+
+    def train_round(self, global_path: str, epochs: int, update_path: str) -> dict[str, float]:
+        import time
+
+        import torch
+
+        from ..weights.tensors import save_weights
+
+        self._load(global_path)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.trained_rounds)
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr)
+        loss = torch.tensor(0.0)
+        for _ in range(epochs * self.steps):
+            x = torch.randn(2, 1, 16, 16, generator=g)
+            y = (x > 0.1 * self.seed).long()[:, 0]
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.epoch += epochs
+        self.trained_rounds += 1
+        save_weights(update_path, self.model, {"site": self.name})
+        return {"train_loss": float(loss.detach()), "epoch": float(self.epoch)}
+
+    def checkpoint(self) -> None:
+        pass
+
+    def finish(self, global_path: str) -> dict[str, Any]:
+        self._load(global_path)
+        return {"epochs": self.epoch}
