@@ -206,6 +206,7 @@ def make_transport(workdir: str, site_names: list[str] | None = None) -> Transpo
 
 def run_ffe(t: Transport, sites: list[dict], num_processes: int, planner: str, **summary_options: Any) -> dict:
     from fedfs.fl import fingerprint as fp
+    from fedfs.fl import plans as pl
     from fedfs.nnunet import adapter as nn
     timing: dict[str, float] = {}
     for s in sites:                                       # site, phase 1
@@ -226,8 +227,8 @@ def run_ffe(t: Transport, sites: list[dict], num_processes: int, planner: str, *
     for s in sites:                                       # sites plan locally
         nn.install_fingerprint(s["id"], t.read("fingerprint/global"))
         plans[s["name"]] = nn.plan(s["id"], planner=planner)
-        t.publish(f"plans/{s['name']}", {"digest": fp.plans_digest(plans[s["name"]]),
-                                         "summary": fp.plans_summary(plans[s["name"]], "3d_fullres")})
+        t.publish(f"plans/{s['name']}", {"digest": pl.plans_digest(plans[s["name"]]),
+                                         "summary": pl.plans_summary(plans[s["name"]], "3d_fullres")})
     digests = {s["name"]: t.read(f"plans/{s['name']}")["digest"] for s in sites}          # aggregator
     sizes = {s["name"]: len(json.dumps(summaries[s["name"]])) for s in sites}
     return {"fingerprint": t.read("fingerprint/global"), "plans": plans, "digests": digests,
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ[var] = os.path.join(tmp, var)
             os.makedirs(os.environ[var], exist_ok=True)
         from fedfs.fl import fingerprint as fp
+        from fedfs.fl import plans as pl
         from fedfs.nnunet import adapter as nn
         log("writing synthetic federation ...")
         build_federation(os.environ["nnUNet_raw"], args.seed, args.intensities == "continuous")
@@ -309,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         ref_plans = nn.plan(SITES[0]["id"], planner=args.planner)
 
     fed_site = SITES[0]["name"]
-    plans_diff = fp.diff_plans(ffe["plans"][fed_site], central_plans, rel_tol=1e-6)
-    ref_diff = fp.diff_plans(ref_plans, central_plans, rel_tol=1e-6)
+    plans_diff = pl.diff_plans(ffe["plans"][fed_site], central_plans, rel_tol=1e-6)
+    ref_diff = pl.diff_plans(ref_plans, central_plans, rel_tol=1e-6)
     fed_err, ref_err = rel_errors(ffe["fingerprint"], central_fp), rel_errors(ref_fp, central_fp)
     fed_ct, ref_ct = ct_norm_diff(ffe["fingerprint"], central_fp), ct_norm_diff(ref_fp, central_fp)
     return {

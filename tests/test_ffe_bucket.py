@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from fedfs.fl import fingerprint as fp
+
+from fedfs.fl import plans as pl
 from fedfs import layout
 from fedfs.nnunet import adapter as nn
 from fedfs.roles.aggregator import Aggregator
@@ -76,7 +78,7 @@ def test_ffe_through_a_bucket_reproduces_pooled_nnunet(bucket_url, tmp_path, mon
     digests = set()
     for s in SITES:
         doc = fed.bucket.read(layout.site_plans(s), PlansDocument).doc
-        assert fp.diff_plans(doc.summary["plans"], central_plans, rel_tol=1e-6) == [], s
+        assert pl.diff_plans(doc.summary["plans"], central_plans, rel_tol=1e-6) == [], s
         digests.add(doc.digest)
     assert len(digests) == 1
     v0 = fed.bucket.read(layout.global_version(0), GlobalManifest).doc

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from fedfs.fl import fingerprint as fp
+
+from fedfs.fl import plans as pl
 from fedfs.nnunet import adapter as nn
 from fedfs.errors import NnunetError
 
@@ -128,17 +130,17 @@ def test_merged_fingerprint_equals_pooled_nnunet(fed):
 
 def test_plans_from_merged_fingerprint_equal_centralized(fed):
     for site, plans in fed["plans"].items():
-        assert fp.diff_plans(plans, fed["central_plans"], rel_tol=1e-6) == [], site
-    assert len({fp.plans_digest(p) for p in fed["plans"].values()}) == 1
+        assert pl.diff_plans(plans, fed["central_plans"], rel_tol=1e-6) == [], site
+    assert len({pl.plans_digest(p) for p in fed["plans"].values()}) == 1
 
 
 def test_plans_mismatch_is_detected_and_named(fed):
     # Execute
     other = nn.plan(613, planner="nnUNetPlannerResEncM")
-    diff = fp.diff_plans(fed["plans"]["A"], other)
+    diff = pl.diff_plans(fed["plans"]["A"], other)
 
     # Assert
-    assert fp.plans_digest(other) != fp.plans_digest(fed["plans"]["A"])
+    assert pl.plans_digest(other) != pl.plans_digest(fed["plans"]["A"])
     assert "experiment_planner_used" in diff
     assert "plans_name" in diff
     assert "configurations.2d.architecture.network_class_name" in diff
@@ -149,10 +151,10 @@ def test_plan_and_preprocess_writes_preprocessed_cases(fed):
     plans = nn.plan_and_preprocess(612, configurations=("2d",), num_processes=1)
 
     # Assert
-    assert fp.diff_plans(plans, fed["central_plans"], rel_tol=1e-6) == []
+    assert pl.diff_plans(plans, fed["central_plans"], rel_tol=1e-6) == []
     folder = os.path.join(os.environ["nnUNet_preprocessed"], "Dataset612_SiteB", "nnUNetPlans_2d")
     assert len([f for f in os.listdir(folder) if f.endswith(".pkl")]) == 4
-    summary = fp.plans_summary(plans, "2d")
+    summary = pl.plans_summary(plans, "2d")
     assert summary["configuration"] == "2d" and summary["n_stages"] == len(summary["features_per_stage"])
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from fedfs.fl import fingerprint as fp
+
+from fedfs.fl import plans as pl
 from fedfs.errors import SchemaError, ValidationError
 
 
@@ -245,25 +247,25 @@ def _plans(name="Dataset001_A", patch=(64, 64), bs=12, mean=1.0) -> dict:
 
 
 def test_plans_digest_ignores_dataset_name_only():
-    assert fp.plans_digest(_plans("Dataset001_A")) == fp.plans_digest(_plans("Dataset002_B"))
-    assert fp.plans_digest(_plans()) != fp.plans_digest(_plans(patch=(64, 48)))
+    assert pl.plans_digest(_plans("Dataset001_A")) == pl.plans_digest(_plans("Dataset002_B"))
+    assert pl.plans_digest(_plans()) != pl.plans_digest(_plans(patch=(64, 48)))
 
 
 def test_diff_plans_names_differing_fields():
     # Execute
-    diff = fp.diff_plans(_plans(patch=(64, 64), bs=12), _plans("Other", patch=(64, 48), bs=6, mean=1.0 + 1e-9))
+    diff = pl.diff_plans(_plans(patch=(64, 64), bs=12), _plans("Other", patch=(64, 48), bs=6, mean=1.0 + 1e-9))
 
     # Assert
     assert diff == ["configurations.3d_cascade_fullres.batch_size", "configurations.3d_fullres.patch_size[2]",
                     "foreground_intensity_properties_per_channel.0.mean"]
-    assert "foreground_intensity_properties_per_channel.0.mean" not in fp.diff_plans(
+    assert "foreground_intensity_properties_per_channel.0.mean" not in pl.diff_plans(
         _plans(), _plans(mean=1.0 + 1e-9), rel_tol=1e-6)
 
 
 def test_plans_summary_resolves_inheritance():
-    s = fp.plans_summary(_plans(bs=6), "3d_cascade_fullres")
+    s = pl.plans_summary(_plans(bs=6), "3d_cascade_fullres")
     assert s["batch_size"] == 6 and s["patch_size"] == [32, 64, 64]
     assert s["n_stages"] == 2 and s["features_per_stage"] == [32, 64]
     assert s["strides"] == [[1, 1, 1], [2, 2, 2]]
     with pytest.raises(ValidationError, match="no configuration '2d'"):
-        fp.plans_summary(_plans(), "2d")
+        pl.plans_summary(_plans(), "2d")

@@ -19,15 +19,11 @@ true one, ``a`` and ``b`` being the two order statistics ``np.percentile``
 interpolates between (a relative error of at most 2**-13 ~ 1.2e-4 for the default
 12 bits when they share a sign).
 
-Plans helpers (:func:`plans_digest`, :func:`plans_summary`, :func:`diff_plans`) let
-the aggregator check that every site planned the same network and name the fields
-that differ.
+The plans that follow from the merged fingerprint are compared in :mod:`fedfs.fl.plans`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,11 +33,10 @@ import numpy as np
 from ..errors import SchemaError, ValidationError
 
 __all__ = [
-    "PERCENTILES", "DEFAULT_MAX_EXACT_VALUES", "DEFAULT_MANTISSA_BITS", "DATASET_NAME_FIELDS",
+    "PERCENTILES", "DEFAULT_MAX_EXACT_VALUES", "DEFAULT_MANTISSA_BITS",
     "validate_census", "merge_census", "validate_federation_census", "validate_summary",
     "summarize_samples", "SiteSummaryBuilder", "merge_summaries", "reference_merge",
     "table_percentiles", "coarsen_table", "bin_midpoints", "merge_moments",
-    "plans_digest", "plans_summary", "diff_plans", "resolve_configuration",
 ]
 
 #: The percentiles nnU-Net stores: percentile_00_5, median, percentile_99_5.
@@ -49,7 +44,6 @@ PERCENTILES = (0.5, 50.0, 99.5)
 DEFAULT_MAX_EXACT_VALUES = 1 << 16
 DEFAULT_MANTISSA_BITS = 12
 #: Plans fields that name the dataset and so legitimately differ between sites.
-DATASET_NAME_FIELDS = ("dataset_name",)
 
 #: Most entries a channel's value table may have (a DoS guard, far above real use).
 MAX_TABLE_ENTRIES = 1 << 22
@@ -501,83 +495,3 @@ def reference_merge(fingerprints: Mapping[str, Mapping[str, Any]]) -> dict:
         "median_relative_size_after_cropping": float(np.dot(
             weights, [fp["median_relative_size_after_cropping"] for fp in fps])),
     }
-
-
-# ---------------------------------------------------------------- plans
-
-def _strip_names(plans: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in plans.items() if k not in DATASET_NAME_FIELDS}
-
-
-def plans_digest(plans: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``plans`` without dataset-name fields."""
-    canon = json.dumps(_strip_names(plans), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
-
-def resolve_configuration(plans: Mapping[str, Any], configuration: str) -> dict:
-    """A configuration with ``inherits_from`` resolved, as nnU-Net's PlansManager does."""
-    configs = plans.get("configurations", {})
-    if configuration not in configs:
-        raise ValidationError(f"plans have no configuration {configuration!r} "
-                              f"(available: {', '.join(sorted(configs))})")
-    conf = dict(configs[configuration])
-    seen = {configuration}
-    while "inherits_from" in conf:
-        parent = conf.pop("inherits_from")
-        if parent in seen or parent not in configs:
-            raise ValidationError(f"configuration {configuration!r}: bad inherits_from {parent!r}")
-        seen.add(parent)
-        conf = {**configs[parent], **conf}
-    return conf
-
-
-def plans_summary(plans: Mapping[str, Any], configuration: str) -> dict:
-    """What AsymFedAvg needs to know about a site's network: stages, features, kernels."""
-    conf = resolve_configuration(plans, configuration)
-    arch = conf.get("architecture", {})
-    kw = arch.get("arch_kwargs", {})
-    return {
-        "configuration": configuration,
-        "network_class_name": arch.get("network_class_name"),
-        "n_stages": kw.get("n_stages"),
-        "features_per_stage": kw.get("features_per_stage"),
-        "kernel_sizes": kw.get("kernel_sizes"),
-        "strides": kw.get("strides"),
-        "patch_size": conf.get("patch_size"),
-        "batch_size": conf.get("batch_size"),
-        "spacing": conf.get("spacing"),
-        "num_input_channels": len(plans.get("foreground_intensity_properties_per_channel", {})),
-    }
-
-
-def diff_plans(a: Any, b: Any, rel_tol: float = 0.0, ignore: Sequence[str] = DATASET_NAME_FIELDS,
-               _path: str = "") -> list[str]:
-    """Paths (``configurations.2d.patch_size[1]``) where two plans differ.
-
-    Top-level fields in ``ignore`` are skipped; floats within ``rel_tol`` count as equal.
-    """
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            if not _path and k in ignore:
-                continue
-            p = f"{_path}.{k}" if _path else str(k)
-            if k not in a or k not in b:
-                out.append(p)
-            else:
-                out.extend(diff_plans(a[k], b[k], rel_tol, ignore, p))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [_path]
-        out = []
-        for i, (x, y) in enumerate(zip(a, b)):
-            out.extend(diff_plans(x, y, rel_tol, ignore, f"{_path}[{i}]"))
-        return out
-    numeric = (int, float)
-    if isinstance(a, numeric) and isinstance(b, numeric) and not isinstance(a, bool) and not isinstance(b, bool):
-        if a == b or math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0):
-            return []
-        return [_path]
-    return [] if a == b else [_path]

@@ -69,7 +69,7 @@ class NnunetWork:
 
     def plan(self, global_fingerprint: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
         from . import adapter as nn
-        from ..fl.fingerprint import plans_digest, plans_summary
+        from ..fl.plans import plans_digest, plans_summary
 
         if global_fingerprint is not None:
             nn.install_fingerprint(self.o.dataset, global_fingerprint)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tarfile
 import tempfile
 import time
@@ -57,7 +56,6 @@ MEMBER_PREFIX = "bucket/"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_BLOB_BYTES = 4 * 1024**3
 MAX_MEMBERS = 100_000
-_BLOB_RE = re.compile(r"^(sites/[^/]+|aggregator)/blobs/([0-9a-f]{64})\.[A-Za-z0-9]+$")
 
 
 @document("bundle-file")
@@ -199,18 +197,10 @@ class ExportResult:
 
 
 def _latest_global(fed: Federation) -> Any:
-    from ..protocol.schema import GlobalManifest, LatestHint
+    from ..protocol.schema import GlobalManifest
 
-    v = -1
-    try:
-        v = fed.bucket.read(layout.LATEST, LatestHint).doc.version
-    except NotFound:
-        pass
-    except FedfsError:
-        pass  # a bad hint: probe from the start
-    while fed.store.exists(layout.global_version(v + 1)):
-        v += 1
-    return None if v < 0 else fed.bucket.read(layout.global_version(v), GlobalManifest)
+    v = fed.bucket.latest_version()
+    return None if v is None else fed.bucket.read(layout.global_version(v), GlobalManifest)
 
 
 def files_for_site(fed: Federation, site: str) -> list[str]:
@@ -259,7 +249,7 @@ def files_from_site(fed: Federation, site: str, everything: bool = False) -> lis
 def export_bundle(fed: Federation, out_path: str | os.PathLike[str], *, for_site: str | None = None,
                   from_site: str | None = None, everything: bool = False) -> ExportResult:
     """Write a bundle of what ``for_site`` needs, or of what ``from_site`` produced, signed by ``fed.identity``."""
-    from ..trust.signing import utcnow
+    from ..protocol.timestamps import utcnow
 
     if fed.identity is None:
         raise ConfigError("exporting a bundle needs this party's private key (--key or FEDFS_KEY): it signs the bundle")
@@ -277,9 +267,9 @@ def export_bundle(fed: Federation, out_path: str | os.PathLike[str], *, for_site
         paths: dict[str, str] = {}
         for i, key in enumerate(keys):
             path = os.path.join(tmp, f"{i:06d}")
-            m = _BLOB_RE.match(key)
+            m = layout.parse_blob_key(key)
             if m:  # content-addressed: its name is its sha256
-                digest = fed.store.download(key, path, expected_sha256=m.group(2))
+                digest = fed.store.download(key, path, expected_sha256=m[1])
             else:
                 data = fed.store.read_bytes(key, max_size=MAX_DOCUMENT_BYTES)
                 if key != layout.FEDERATION:
@@ -364,7 +354,7 @@ def _read_members(tar_path: Path, tmp: str) -> tuple[bytes, dict[str, tuple[str,
                 raise InvalidName(f"{name}: member {m.name!r} is not a safe bucket key ({exc})") from None
             if key in members:
                 raise SchemaError(f"{name}: {key} appears twice")
-            limit = MAX_BLOB_BYTES if _BLOB_RE.match(key) else MAX_DOCUMENT_BYTES
+            limit = MAX_BLOB_BYTES if layout.parse_blob_key(key) else MAX_DOCUMENT_BYTES
             if m.size > limit:
                 raise SchemaError(f"{name}: {key} is {m.size} bytes, over the {limit}-byte limit")
             path = os.path.join(tmp, f"{len(members):06d}")
@@ -453,15 +443,15 @@ def import_bundle(bundle: str | os.PathLike[str], url: str | Store, *, pin: str 
         docs: dict[str, Signed[Any]] = {}
         raw: dict[str, bytes] = {}
         for key, (path, _, _) in members.items():
-            if key == layout.FEDERATION or _BLOB_RE.match(key):
+            if key == layout.FEDERATION or layout.parse_blob_key(key):
                 continue
             raw[key] = Path(path).read_bytes()
             docs[key] = _verify_document(fed.config, key, raw[key], name)
         for key, (_, digest, size) in members.items():
-            m = _BLOB_RE.match(key)
+            m = layout.parse_blob_key(key)
             if not m:
                 continue
-            if m.group(2) != digest:
+            if m[1] != digest:
                 raise IntegrityError(f"{name}: {key}: content sha256 {digest[:12]} differs from its name (altered)")
             if not any(ref.key == key and ref.sha256 == digest and ref.size == size and _may_name(s, key)
                        for s in docs.values() for ref in _blob_refs(s.doc)):
@@ -523,7 +513,7 @@ def _preflight(store: Store, fed: Federation, members: dict[str, tuple[str, str,
     for key, (_, _, size) in sorted(members.items()):
         if key == layout.FEDERATION:
             plan.append((_ORDER["federation"], key, "present" if store.exists(key) else "publish"))
-        elif _BLOB_RE.match(key):
+        elif layout.parse_blob_key(key):
             try:
                 same = store.size(key) == size
             except NotFound:

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import layout
 from ..errors import FedfsError, NotFound
-from .status import parse_time, pick_metrics, short_reason
+from ..protocol.timestamps import parse_stamp_or_none as parse_time
+from .status import pick_metrics, short_reason
 
 if TYPE_CHECKING:
     from ..federation import Federation

@@ -18,12 +18,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import layout
+from ..protocol.timestamps import format_stamp
+from ..protocol.timestamps import parse_stamp_or_none as parse_time
 from ..errors import FedfsError, NotFound
 
 if TYPE_CHECKING:
     from ..federation import Federation
 
-__all__ = ["collect_status", "render_status", "parse_time", "short_reason", "METRIC_NAMES"]
+__all__ = ["collect_status", "render_status", "short_reason", "METRIC_NAMES"]
 
 #: The metrics ``fedfs status`` shows, and the names sites may report them under.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
@@ -34,14 +36,6 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
 #: How far past the cursor, and how far before it, status looks for a site's newest update.
 _PROBE_AHEAD = 4
 _PROBE_BACK = 3
-
-
-def parse_time(stamp: str) -> float | None:
-    """An envelope's ``signed_at`` as a POSIX timestamp (None if it does not parse)."""
-    try:
-        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 def short_reason(key: str, reason: str) -> str:
@@ -88,11 +82,7 @@ def _latest_version(r: _Reader) -> int | None:
     from ..protocol.schema import LatestHint
 
     hint = r.read(layout.LATEST, LatestHint)
-    v = hint.doc.version if hint is not None else -1
-    # the hint may lag: probe forward (one probe when it is current)
-    while r.exists(layout.global_version(v + 1)):
-        v += 1
-    return None if v < 0 else v
+    return layout.newest_version(hint.doc.version if hint is not None else None, r.exists)
 
 
 def _latest_update(r: _Reader, site: str, cursor: int) -> Any:
@@ -196,7 +186,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "url": fed.store.url,
         "federation_id": c.federation_id,
         "federation_digest": fed.digest,
-        "now": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "now": format_stamp(now),
         "federation": {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration,
                        "rounds": c.rounds, "local_epochs": c.local_epochs, "aggregator": c.aggregator.name,
                        "sites": c.site_names},

@@ -13,6 +13,7 @@ digits so that a lexical listing is also a numeric one.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from ..errors import InvalidName
 
@@ -27,6 +28,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=-]+$")
 _VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
 _ROUND_RE = re.compile(r"^r(\d{6,})\.json$")
+_BLOB_RE = re.compile(r"^((?:sites/[^/]+)|aggregator)/blobs/([0-9a-f]{64})\.([A-Za-z0-9]{1,16})$")
 
 # Names a party may not take because they collide with layout folders or roles.
 RESERVED_NAMES = frozenset({"sites", "federation", "blobs", "tmp", "doctor"})
@@ -172,6 +174,23 @@ def parse_update_key(key: str) -> tuple[str, int] | None:
     except InvalidName:
         return None
     return site, int(m.group(1))
+
+
+def parse_blob_key(key: str) -> tuple[str, str, str] | None:
+    """``sites/A/blobs/<sha>.safetensors`` -> ("sites/A", sha, "safetensors"); None for a non-blob key.
+
+    The one rule for payload keys: under its writer's prefix, named by its sha256."""
+    m = _BLOB_RE.match(key) if isinstance(key, str) else None
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def newest_version(hint: int | None, exists: Callable[[str], bool]) -> int | None:
+    """The newest published global: from the ``latest`` hint (None if absent or unusable), probe
+    ``exists`` forward, since the hint may lag a crash. One probe when the hint is current; None before v0."""
+    v = hint if isinstance(hint, int) and not isinstance(hint, bool) and hint >= 0 else -1
+    while exists(global_version(v + 1)):
+        v += 1
+    return None if v < 0 else v
 
 
 def writer_of(key: str) -> tuple[str, str] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .documents import Document, document, field, require
-from .layout import check_key, check_name, check_sha256
+from .layout import check_key, check_name, check_sha256, parse_blob_key
 
 MODES = ("ffe", "asym", "fedavg")  # fedavg: any PyTorch model, no fingerprint phase
 AGGREGATIONS = ("sync", "async")
@@ -114,7 +114,9 @@ class BlobRef(Document):
         check_key(self.key)
         check_sha256(self.sha256)
         require(self.size >= 0, where, "blob size must be >= 0")
-        require(self.sha256 in self.key, where, "blob key must contain its sha256")
+        parsed = parse_blob_key(self.key)
+        require(parsed is not None and parsed[1] == self.sha256, where,
+                f"blob key {self.key!r} must be <writer>/blobs/<its sha256>.<ext>")
 
 
 @document("site-census")

@@ -19,7 +19,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from ..protocol.schema import (
     StatusDocument,
     UpdateManifest,
 )
-from ..trust.signing import utcnow
+from ..protocol.timestamps import parse_stamp, utcnow
 
 log = logging.getLogger("fedfs.roles.aggregator")
 
@@ -81,10 +80,6 @@ def relative_change(path: str, base_path: str) -> float:
             num += float(((x - b) ** 2).sum())
             den += float((b**2).sum())
     return (num ** 0.5) / max(den ** 0.5, 1e-12)
-
-
-def parse_time(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
 
 
 class Aggregator:
@@ -198,7 +193,7 @@ class Aggregator:
         if c.mode != "asym":
             digests = {s: plans[s].digest for s in sites}
             if len(set(digests.values())) > 1:
-                from ..fl.fingerprint import diff_plans
+                from ..fl.plans import diff_plans
 
                 ref = sites[0]
                 problems = []
@@ -257,7 +252,7 @@ class Aggregator:
         if version >= c.rounds or current.doc.final:
             return StepResult("finished", f"v{version} is the final global", version=version)
         pending, cursor, local = self._scan_updates(current.doc.next_rounds)
-        age = max(0.0, self.clock() - parse_time(current.signed_at))
+        age = max(0.0, self.clock() - parse_stamp(current.signed_at, current.key))
         rejected_sites = {site for site, base in self._rejected_bases.values() if base == version}
         decision = decide_aggregation(c, version, pending, cursor, age, rejected_sites)
         if any(p.base_version > version for p, _ in decision.rejected) \

@@ -25,14 +25,13 @@ Every document is signed with the site's key; every global is verified
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..protocol import layout
+from ..fl.plans import plans_digest
 from ..errors import ConfigError
 from ..federation import Federation
 from ..protocol.schema import GlobalManifest, PlansDocument, UpdateManifest
@@ -63,7 +62,7 @@ class SiteClient:
 
         state = canonical_state(model)
         arch = _architecture(state)
-        self.digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
+        self.digest = plans_digest(arch)
         key = layout.site_plans(self.name)
         if self.fed.store.exists(key):
             existing = self.fed.bucket.read(key, PlansDocument).doc

@@ -41,7 +41,7 @@ from ..protocol.schema import (
     StatusDocument,
     UpdateManifest,
 )
-from ..trust.signing import utcnow
+from ..protocol.timestamps import utcnow
 
 log = logging.getLogger("fedfs.roles.site")
 

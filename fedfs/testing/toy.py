@@ -8,11 +8,11 @@ exercised end to end. ``depth`` changes the architecture, for AsymFedAvg.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
+
+from ..fl.plans import plans_digest
 
 
 class ToyWork:
@@ -48,7 +48,7 @@ class ToyWork:
     def plan(self, global_fingerprint: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
         plans = {"plans_name": "ToyPlans", "depth": self.depth, "width": self.width,
                  "fingerprint_cases": len(global_fingerprint["spacings"]) if global_fingerprint else self.cases}
-        digest = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+        digest = plans_digest(plans)
         return "ToyPlans", {"plans": plans}, digest
 
     def _build(self):

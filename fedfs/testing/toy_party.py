@@ -30,18 +30,11 @@ import time
 
 
 def _shift_clock(offset_s: float) -> None:
-    """Make fedfs (and anything calling ``time.time``) see a clock ``offset_s`` seconds off."""
-    from datetime import datetime, timedelta, timezone
+    """Make fedfs (and anything calling ``time.time``) see a clock ``offset_s`` seconds off.
 
+    Protocol stamps come from ``time.time`` (:func:`fedfs.protocol.timestamps.utcnow`), so they shift too."""
     real_time = time.time
     time.time = lambda: real_time() + offset_s  # type: ignore[assignment]
-
-    from ..trust import signing
-
-    def utcnow() -> str:
-        return (datetime.now(timezone.utc) + timedelta(seconds=offset_s)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-    signing.utcnow = utcnow  # read at call time by Identity.sign; modules imported later bind this one
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,17 @@ from typing import Any, Generic, TypeVar
 
 from ..protocol import layout
 from ..protocol.documents import MAX_DOCUMENT_BYTES, Document, canonical_json, loads_strict
-from ..errors import ConfigError, Conflict, IntegrityError, NotFound, SchemaError, SignatureError, StateUnknown, StoreUnavailable
+from ..errors import (
+    ConfigError,
+    Conflict,
+    IntegrityError,
+    NotFound,
+    SchemaError,
+    SignatureError,
+    StateUnknown,
+    StoreUnavailable,
+    ValidationError,
+)
 from ..protocol.schema import BlobRef, FederationConfig
 from .signing import Identity, parse_envelope, parse_public_key, verify_envelope
 from ..store import Store, sha256_file
@@ -132,16 +142,14 @@ class Bucket:
         may lag a crash); one read and one probe when it is current. None before v0."""
         from ..protocol.schema import LatestHint
 
-        v = -1
+        hint = None
         try:
-            v = self.read(layout.LATEST, LatestHint).doc.version
+            hint = self.read(layout.LATEST, LatestHint).doc.version
         except NotFound:
             pass
-        except (SchemaError, SignatureError) as exc:  # a bad hint is only a hint: fall back to probing
+        except ValidationError as exc:  # a bad hint is only a hint: fall back to probing
             log.warning("ignoring %s: %s", layout.LATEST, exc)
-        while self.store.exists(layout.global_version(v + 1)):
-            v += 1
-        return None if v < 0 else v
+        return layout.newest_version(hint, self.store.exists)
 
     # ---- writing --------------------------------------------------------------
     def publish(self, key: str, doc: Document, identity: Identity) -> Signed[Any]:

@@ -22,7 +22,6 @@ import os
 import stat
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..protocol.documents import canonical_json
 from ..errors import ConfigError, SchemaError, SignatureError
 from ..protocol.layout import check_name
+from ..protocol.timestamps import utcnow
 
 ENVELOPE = "fedfs-signed-v1"
 _DOMAIN = ENVELOPE.encode() + b"\n"
 _ENVELOPE_FIELDS = {"envelope", "signer", "role", "writer_token", "signed_at", "body", "signature"}
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
