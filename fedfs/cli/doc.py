@@ -16,18 +16,7 @@ commands, as a key in a TOML file passed with `--config`.
 
 ## Exit codes
 
-| code | meaning |
-|---|---|
-| 0 | success (also: a step that found nothing due) |
-| 1 | other fedfs error, or an unexpected error (rerun with `--debug` or `FEDFS_DEBUG=1` for the traceback) |
-| 2 | bad options or configuration |
-| 3 | a file from the bucket was rejected (malformed, wrong schema, bad name) |
-| 4 | a signature or integrity (sha256) check failed |
-| 5 | conflict: a write-once file already exists with other content |
-| 6 | state unknown: a write may or may not have happened; run the step again |
-| 7 | the bucket could not be reached or failed |
-| 8 | nnU-Net failed |
-| 9 | `fedfs doctor`: the bucket is not usable from here |
+{codes}
 """
 
 
@@ -50,9 +39,11 @@ def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
 
 
 def render() -> str:
+    from ..errors import EXIT_CODES
     from .app import main
 
-    out = [HEADER.rstrip(), "\n## `fedfs`\n", "```text",
+    codes = "\n".join(["| code | meaning |", "|---|---|", *(f"| {c} | {m} |" for c, m in EXIT_CODES.items())])
+    out = [HEADER.format(codes=codes).rstrip(), "\n## `fedfs`\n", "```text",
            main.get_help(_context(main, "fedfs")).rstrip(), "```"]
     _walk(main, ["fedfs"], out)
     return "\n".join(out) + "\n"
