@@ -21,9 +21,10 @@ import torch
 
 from fedfs.testing import synthetic as syn  # noqa: E402
 from fedfs.errors import NnunetError  # noqa: E402
-from fedfs.nnunet.training import (ModelSpec, NnunetSession, dice_per_case, export_model_folder,  # noqa: E402
-                                   model_folder_in_results, predict_folder, predict_from_results,
-                                   trainer_search_path)
+from fedfs.nnunet.inference import (ModelSpec, dice_per_case, export_model_folder,  # noqa: E402
+                                    model_folder_in_results, predict_folder, predict_from_results)
+from fedfs.nnunet.network import bare_network  # noqa: E402
+from fedfs.nnunet.training import NnunetSession, trainer_search_path  # noqa: E402
 
 pytestmark = pytest.mark.nnunet
 
@@ -59,7 +60,7 @@ def _session(total_epochs: int = 3, **kwargs) -> NnunetSession:
 
 
 def _outputs(session: NnunetSession, x: torch.Tensor) -> torch.Tensor:
-    net = session._module()
+    net = bare_network(session.trainer)
     net.eval()
     with torch.no_grad():
         out = net(x)
@@ -99,13 +100,13 @@ def test_train_swap_resume_finish_export_predict(site, tmp_path):
 
     # weights(): canonical, detached copies; load_weights() restores outputs exactly.
     w = s.weights()
-    full = s._module().state_dict()
+    full = bare_network(s.trainer).state_dict()
     assert len(w) < len(full) and set(w) <= set(full)
     assert all(not k.startswith("_orig_mod.") and t.device.type == "cpu" and t.is_contiguous() for k, t in w.items())
     x = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     before = _outputs(s, x)
     with torch.no_grad():
-        for p in s._module().parameters():
+        for p in bare_network(s.trainer).parameters():
             p.add_(torch.randn_like(p) * 0.1)
     assert not torch.equal(_outputs(s, x), before)
     loaded, kept = s.load_weights(w)
@@ -154,7 +155,7 @@ def test_train_swap_resume_finish_export_predict(site, tmp_path):
     assert min(dice.values()) > 0.5, dice
 
     results = tmp_path / "results"
-    spec = ModelSpec.from_session(r)
+    spec = r.spec()
     export_model_folder(spec, final, model_folder_in_results(results, spec), fold=0)
     pred_d = predict_from_results(results, DATASET, "2d", sp.images_ts, tmp_path / "pred_d", fold=0)
     assert dice_per_case(pred_d, sp.labels_ts) == pytest.approx(dice)
@@ -195,7 +196,7 @@ def test_export_from_plans_without_a_trainer(site, tmp_path):
     """The aggregator has no trainer: a spec from nnU-Net's files builds the same checkpoint."""
     root, sp = site
     s = _session(total_epochs=1)
-    from_session = ModelSpec.from_session(s)
+    from_session = s.spec()
     from_files = ModelSpec.from_preprocessed(DATASET, "2d", trainer_name="nnUNetTrainer")
     assert from_files == from_session
     export_model_folder(from_files, s.weights(), tmp_path / "m", fold="all")

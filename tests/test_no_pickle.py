@@ -30,20 +30,20 @@ PICKLE_METHODS = {"to_pickle", "load_checkpoint", "save_checkpoint"}
 ALLOWED: dict[tuple[str, str, str], str] = {
     # nnU-Net's trainer restores its own checkpoint_{final,latest,best}.pth from the site's local
     # nnUNet_results folder (written by that same trainer on that machine); torch.load inside nnunetv2.
-    ("nnunet_training.py", "NnunetSession.resume", "call .load_checkpoint"):
+    ("nnunet/training.py", "NnunetSession.resume", "call .load_checkpoint"):
         "nnU-Net reads its own local checkpoint",
     # `pickle` is imported only for the exception class a torn local checkpoint raises in load_checkpoint.
-    ("nnunet_training.py", "<module>", "import pickle"): "exception class only",
-    ("nnunet_training.py", "NnunetSession.resume", "use pickle.UnpicklingError"): "exception class only",
+    ("nnunet/training.py", "<module>", "import pickle"): "exception class only",
+    ("nnunet/training.py", "NnunetSession.resume", "use pickle.UnpicklingError"): "exception class only",
     # fedfs asks nnU-Net to write its checkpoint after every round, into the local results folder
     # (torch.save inside nnunetv2); the bucket only ever receives safetensors exported from the network.
-    ("nnunet_training.py", "NnunetSession.save_checkpoint", "call .save_checkpoint"):
+    ("nnunet/training.py", "NnunetSession.save_checkpoint", "call .save_checkpoint"):
         "nnU-Net writes its own local checkpoint",
-    ("nnunet_training.py", "NnunetSession.train_epochs", "call .save_checkpoint"):
+    ("nnunet/training.py", "NnunetSession.train_epochs", "call .save_checkpoint"):
         "fedfs's wrapper above, called after the epochs of a round",
     # export: a local nnU-Net model folder for nnUNetv2_predict, whose loader needs checkpoint_final.pth
     # (torch.save format); the weights in it come from a verified safetensors global.
-    ("nnunet_inference.py", "export_model_folder", "call torch.save"): "local model folder for nnU-Net's predictor",
+    ("nnunet/inference.py", "export_model_folder", "call torch.save"): "local model folder for nnU-Net's predictor",
 }
 
 

@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SchemaError, ValidationError
+from ..errors import ValidationError
+from .fingerprint_schema import (
+    validate_census,
+    validate_federation_census,
+    validate_summary,
+)
 
 __all__ = [
     "PERCENTILES", "DEFAULT_MAX_EXACT_VALUES", "DEFAULT_MANTISSA_BITS",
@@ -43,152 +48,6 @@ __all__ = [
 PERCENTILES = (0.5, 50.0, 99.5)
 DEFAULT_MAX_EXACT_VALUES = 1 << 16
 DEFAULT_MANTISSA_BITS = 12
-#: Plans fields that name the dataset and so legitimately differ between sites.
-
-#: Most entries a channel's value table may have (a DoS guard, far above real use).
-MAX_TABLE_ENTRIES = 1 << 22
-SAMPLE_DTYPES = ("float16", "float32", "float64")
-
-
-# ---------------------------------------------------------------- validation
-
-def _fail(where: str, reason: str) -> SchemaError:
-    return SchemaError(f"{where}: {reason}")
-
-
-def _get(d: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in d:
-        raise _fail(where, f"missing field {key!r}")
-    return d[key]
-
-
-def _int(d: Mapping[str, Any], key: str, where: str, minimum: int = 0) -> int:
-    v = _get(d, key, where)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(where, f"{key} must be an integer, got {type(v).__name__}")
-    if v < minimum:
-        raise _fail(where, f"{key} is {v}; it must be at least {minimum}")
-    return v
-
-
-def _finite(v: Any, what: str, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _fail(where, f"{what} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise _fail(where, f"{what} is {v}; NaN and Inf are not allowed")
-    return float(v)
-
-
-def _list(v: Any, what: str, where: str) -> list:
-    if not isinstance(v, list):
-        raise _fail(where, f"{what} must be a list, got {type(v).__name__}")
-    return v
-
-
-def validate_census(d: Any, where: str) -> Mapping[str, Any]:
-    """A site's phase-1 census: ``{"num_cases": int >= 1, "num_channels": int >= 1}``."""
-    if not isinstance(d, Mapping):
-        raise _fail(where, "census must be a JSON object")
-    _int(d, "num_cases", where, 1)
-    _int(d, "num_channels", where, 1)
-    return d
-
-
-def validate_federation_census(d: Any, where: str) -> Mapping[str, Any]:
-    """The aggregator's merged census (see :func:`merge_census`)."""
-    if not isinstance(d, Mapping):
-        raise _fail(where, "census must be a JSON object")
-    total = _int(d, "total_cases", where, 1)
-    _int(d, "num_channels", where, 1)
-    per = _get(d, "sites", where)
-    if not isinstance(per, Mapping) or not per:
-        raise _fail(where, "sites must be a non-empty object")
-    for site in per:
-        _int(per, site, f"{where}, sites", 1)
-    if sum(per.values()) != total:
-        raise _fail(where, f"sites sums to {sum(per.values())}, total_cases is {total}")
-    return d
-
-
-def validate_summary(d: Any, where: str, n_channels: int | None = None) -> Mapping[str, Any]:
-    """Check a site's phase-2 summary; raise SchemaError naming ``where`` and the reason."""
-    if not isinstance(d, Mapping):
-        raise _fail(where, "summary must be a JSON object")
-    n_cases = _int(d, "num_cases", where, 1)
-    _int(d, "total_cases", where, n_cases)
-    spc = _int(d, "samples_per_case", where, 1)
-    if _get(d, "sample_dtype", where) not in SAMPLE_DTYPES:
-        raise _fail(where, f"sample_dtype {d['sample_dtype']!r} is not one of {SAMPLE_DTYPES}")
-    cases = _get(d, "cases", where)
-    if not isinstance(cases, Mapping):
-        raise _fail(where, "cases must be a JSON object")
-    lists = {k: _list(_get(cases, k, where), f"cases.{k}", where)
-             for k in ("spacings", "shapes_after_crop", "relative_sizes_after_cropping")}
-    for k, v in lists.items():
-        if len(v) != n_cases:
-            raise _fail(where, f"inconsistent list lengths: cases.{k} has {len(v)} entries, num_cases is {n_cases}")
-    ndim = None
-    for i, (sp, sh, rel) in enumerate(zip(*lists.values())):
-        sp, sh = _list(sp, f"spacings[{i}]", where), _list(sh, f"shapes_after_crop[{i}]", where)
-        ndim = len(sp) if ndim is None else ndim
-        if len(sp) != ndim or len(sh) != ndim or not ndim:
-            raise _fail(where, f"inconsistent list lengths: case {i} has spacing of {len(sp)} and shape of "
-                               f"{len(sh)} axes, expected {ndim}")
-        if any(_finite(v, f"spacings[{i}]", where) <= 0 for v in sp):
-            raise _fail(where, f"spacings[{i}] has a non-positive spacing")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sh):
-            raise _fail(where, f"shapes_after_crop[{i}] must hold non-negative integers")
-        if not 0.0 <= _finite(rel, f"relative_sizes_after_cropping[{i}]", where) <= 1.0:
-            raise _fail(where, f"relative_sizes_after_cropping[{i}] is {rel}, outside [0, 1]")
-    channels = _list(_get(d, "channels", where), "channels", where)
-    if n_channels is not None and len(channels) != n_channels:
-        raise _fail(where, f"wrong channel count: {len(channels)} channels, the federation has {n_channels}")
-    if not channels:
-        raise _fail(where, "channels is empty")
-    for c, ch in enumerate(channels):
-        _validate_channel(ch, f"{where}, channel {c}", n_cases * spc, spc)
-    return d
-
-
-def _validate_channel(ch: Any, where: str, max_count: int, spc: int) -> None:
-    if not isinstance(ch, Mapping):
-        raise _fail(where, "channel summary must be a JSON object")
-    count = _int(ch, "count", where, 0)
-    if count > max_count or count % spc:
-        raise _fail(where, f"count {count} is not a multiple of samples_per_case {spc} up to {max_count}")
-    values = _list(_get(ch, "values", where), "values", where)
-    counts = _list(_get(ch, "counts", where), "counts", where)
-    if len(values) != len(counts):
-        raise _fail(where, f"inconsistent list lengths: {len(values)} values but {len(counts)} counts")
-    if len(values) > MAX_TABLE_ENTRIES:
-        raise _fail(where, f"value table has {len(values)} entries, the limit is {MAX_TABLE_ENTRIES}")
-    bits = _get(ch, "mantissa_bits", where)
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= 52):
-        raise _fail(where, f"mantissa_bits must be null or an integer 0..52, got {bits!r}")
-    if count == 0:
-        if values:
-            raise _fail(where, "count is 0 but the value table is not empty")
-        return
-    mean, m2 = _finite(_get(ch, "mean", where), "mean", where), _finite(_get(ch, "m2", where), "m2", where)
-    lo, hi = _finite(_get(ch, "min", where), "min", where), _finite(_get(ch, "max", where), "max", where)
-    if m2 < 0:
-        raise _fail(where, f"m2 is {m2}; a sum of squares cannot be negative")
-    slack = 1e-9 * max(abs(lo), abs(hi), 1.0)
-    if not lo - slack <= mean <= hi + slack:
-        raise _fail(where, f"mean {mean} lies outside [min {lo}, max {hi}]")
-    for i, k in enumerate(counts):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise _fail(where, f"counts[{i}] is {k!r}; counts must be positive integers")
-    for i, v in enumerate(values):
-        _finite(v, f"values[{i}]", where)
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise _fail(where, "values must be strictly increasing")
-    if sum(counts) != count:
-        raise _fail(where, f"counts sum to {sum(counts)}, count is {count}")
-    if bits is None and (values[0] != lo or values[-1] != hi):
-        raise _fail(where, "exact value table does not span [min, max]")
-
-
 def merge_census(censuses: Mapping[str, Mapping[str, Any]]) -> dict:
     """Phase 1 merge: the federation-wide case count every site needs for phase 2."""
     if not censuses:

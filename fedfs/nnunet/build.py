@@ -38,7 +38,9 @@ _SUFFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def trainer_search_path() -> str:
     """The folder with fedfs's nnU-Net trainers (``nnUNetTrainerFedfsTiny``), for ``nnUNet_extTrainer``."""
-    return str(Path(__file__).resolve().parent / "nnunet_trainers")
+    from .trainers import SEARCH_PATH
+
+    return SEARCH_PATH
 
 
 @contextlib.contextmanager

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NnunetError
+from .build import trainer_search_path
 
 if TYPE_CHECKING:
     import torch
 
-    from .training import NnunetSession
 
 __all__ = ["ModelSpec", "export_model_folder", "model_folder_in_results", "predict_folder",
            "predict_from_results", "dice_per_case"]
@@ -65,9 +65,8 @@ class ModelSpec:
     trainer_class: type | None = field(default=None, compare=False)  # saves a lookup by name
 
     @classmethod
-    def from_session(cls, session: NnunetSession) -> ModelSpec:
-        """The model a training session trains (its plans, dataset.json, trainer, mirroring axes)."""
-        t = session.trainer
+    def from_trainer(cls, t: Any) -> ModelSpec:
+        """The model an initialised nnU-Net trainer trains (its plans, dataset.json, class, mirroring axes)."""
         axes = t.inference_allowed_mirroring_axes
         if axes is None:  # set by get_dataloaders or a checkpoint; compute it the trainer's way
             axes = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
@@ -158,7 +157,7 @@ def _atomic_write_json(doc: Mapping[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export_model_folder(source: NnunetSession | ModelSpec, weights: Mapping[str, torch.Tensor],
+def export_model_folder(source: ModelSpec | Any, weights: Mapping[str, torch.Tensor],
                         out_dir: str | os.PathLike, fold: int | str = 0, *,
                         checkpoint_name: str = "checkpoint_final.pth", current_epoch: int | None = None,
                         as_trainer: str | None = None) -> Path:
@@ -174,7 +173,7 @@ def export_model_folder(source: NnunetSession | ModelSpec, weights: Mapping[str,
     """
     import torch
 
-    spec = source if isinstance(source, ModelSpec) else ModelSpec.from_session(source)
+    spec = source if isinstance(source, ModelSpec) else source.spec()  # an NnunetSession
     if fold != "all":
         fold = int(fold)
     network = spec.build_network()
@@ -233,7 +232,7 @@ def _prediction_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     """os.environ + ``extra``, with fedfs's trainer folder appended to ``nnUNet_extTrainer``."""
     env = dict(os.environ)
     env.update(extra or {})
-    ours = str(Path(__file__).resolve().parent / "nnunet_trainers")
+    ours = trainer_search_path()
     paths = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if ours not in paths:
         env["nnUNet_extTrainer"] = os.pathsep.join(paths + [ours])

@@ -16,7 +16,8 @@ cheap. nnU-Net reads its folders from the environment (``nnUNet_raw``,
 a session snapshots them when it is created and re-applies them around every nnU-Net call,
 so sessions keep working when the caller's environment changes later.
 
-Export, prediction and Dice live in :mod:`fedfs.nnunet.inference` and are re-exported here.
+Export, prediction and Dice live in :mod:`fedfs.nnunet.inference`; the weight exchange with the
+network in :mod:`fedfs.nnunet.network`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, NnunetError
 from .build import NNUNET_ENV_VARS, build_trainer, env_snapshot, nnunet_env, torch_device, trainer_search_path
-from .inference import (ModelSpec, dice_per_case, export_model_folder, model_folder_in_results,
-                               predict_folder, predict_from_results)
+from .inference import ModelSpec
+from .network import load_network_weights, network_weights
 
 if TYPE_CHECKING:
     import torch
@@ -45,20 +46,7 @@ __all__ = [
     "trainer_search_path",
     "NNUNET_ENV_VARS",
     "nnunet_env",
-    "ModelSpec",
-    "export_model_folder",
-    "model_folder_in_results",
-    "predict_folder",
-    "predict_from_results",
-    "dice_per_case",
 ]
-
-_ORIG_MOD = "_orig_mod."
-
-
-def _strip_compiled(name: str) -> str:
-    return name.replace(_ORIG_MOD, "")
-
 
 def _finite_or_none(value: Any) -> float | None:
     try:
@@ -197,73 +185,14 @@ class NnunetSession:
             raise NnunetError(f"no readable nnU-Net checkpoint in {self.output_folder}: {'; '.join(errors)}")
         return False
 
-    def _module(self) -> Any:
-        """The bare network: without DDP's ``module`` or torch.compile's ``_orig_mod`` wrapper."""
-        from torch._dynamo import OptimizedModule
-
-        net = self.trainer.network
-        if self.trainer.is_ddp:
-            net = net.module
-        if isinstance(net, OptimizedModule):
-            net = net._orig_mod
-        return net
-
-    def _canonical(self) -> dict[str, torch.Tensor]:
-        mod = self._module()
-        out: dict[str, Any] = dict(mod.named_parameters())
-        out.update(mod.named_buffers())
-        return {_strip_compiled(k): v for k, v in out.items()}
-
     def weights(self) -> dict[str, torch.Tensor]:
-        """The network's canonical tensors: ``named_parameters()`` + ``named_buffers()``.
-
-        ``state_dict()`` lists some tensors under several names (240 keys, 88 tensors for a
-        5-stage 2D net), which safetensors refuses; these are the distinct ones, as detached,
-        contiguous CPU copies, without any ``_orig_mod.`` prefix.
-        """
-        import torch
-
-        return {k: v.detach().to(device="cpu", copy=True, memory_format=torch.contiguous_format)
-                for k, v in self._canonical().items()}
+        """The network's canonical tensors, as detached CPU copies (see :func:`network_weights`)."""
+        return network_weights(self.trainer)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *,
                      partial: bool = False) -> tuple[list[str], list[str]]:
-        """Copy ``tensors`` into the network; return ``(loaded_keys, kept_keys)``.
-
-        Strict by default: the key set and every shape must match the network's canonical
-        tensors. With ``partial=True`` (AsymFedAvg) only keys present with the right shape are
-        loaded and the rest keep their local values. Aliased ``state_dict`` names follow
-        automatically because they are the same tensors. ``_orig_mod.`` prefixes are ignored.
-        The optimizer's state is left as it is.
-        """
-        import torch
-
-        target = self._canonical()
-        incoming: dict[str, Any] = {}
-        for k, v in tensors.items():
-            name = _strip_compiled(k)
-            if name in incoming:
-                raise NnunetError(f"two tensors map to the same network key {name!r}")
-            incoming[name] = v
-        mismatched = sorted(k for k in incoming.keys() & target.keys()
-                            if tuple(incoming[k].shape) != tuple(target[k].shape))
-        if not partial:
-            missing, unexpected = sorted(target.keys() - incoming.keys()), sorted(incoming.keys() - target.keys())
-            if missing or unexpected or mismatched:
-                parts = [f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-                         for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                             ("shape-mismatched", mismatched)) if keys]
-                raise NnunetError("weights do not fit the network: " + "; ".join(parts))
-        loaded = []
-        with torch.no_grad():
-            for name, dst in target.items():
-                src = incoming.get(name)
-                if src is None or name in mismatched:
-                    continue
-                dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
-                loaded.append(name)
-        kept = sorted(target.keys() - set(loaded))
-        return sorted(loaded), kept
+        """Copy ``tensors`` into the network; return ``(loaded_keys, kept_keys)`` (see :func:`load_network_weights`)."""
+        return load_network_weights(self.trainer, tensors, partial=partial)
 
     # ------------------------------------------------------------------ training
 
@@ -432,4 +361,4 @@ class NnunetSession:
 
     def spec(self) -> ModelSpec:
         """What :func:`export_model_folder` needs to know about this session's model."""
-        return ModelSpec.from_session(self)
+        return ModelSpec.from_trainer(self.trainer)

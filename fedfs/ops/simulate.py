@@ -56,7 +56,7 @@ class SimulationSpec:
 def nnunet_environment(root: str | os.PathLike[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """nnU-Net's folders under ``root`` (kept if already set), fedfs's trainers on ``nnUNet_extTrainer``,
     and single-process data augmentation (fastest on small CPUs)."""
-    from ..nnunet.training import trainer_search_path
+    from ..nnunet.build import trainer_search_path
 
     root = Path(root)
     env = {
