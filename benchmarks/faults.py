@@ -66,7 +66,7 @@ from one global, an inflated case count, a forged manifest squatting the next
 global's key, garbage squatting a site's next update key, and a rejected update
 followed by an aggregator restart.
 
-Output, one JSON object: ``federations_run``, ``federations_completed``,
+Output, one JSON object: ``benchmark``, ``federations_run``, ``federations_completed``,
 ``faults_injected`` (faults that demonstrably fired: a crash point's message in
 the party's log, a SIGKILL sent, the outage done, the second aggregator or the
 skewed clock running), ``faults_missed`` (planned, never fired),
@@ -74,7 +74,9 @@ skewed clock running), ``faults_missed`` (planned, never fired),
 counts, ``bad_inputs_tried``, ``bad_inputs_rejected`` (refused *with the
 expected reason*), ``bad_input_kinds``, ``rejections`` [{kind, key, reason, by,
 rejected}], ``not_rejected``, ``per_backend`` (per scenario: faults, notes,
-audit) and ``weakness_probes``. Exit status 0 when every target holds.
+audit), ``weakness_probes``, and ``targets`` (``benchmarks/_common.py``'s shape): every
+federation completed, no corrupt global, no lost and no doubly applied update, every bad input
+refused with the expected reason. Exit status 0 when every target holds.
 
 ``python benchmarks/faults.py --json [--quick]`` prints it on stdout (logs on
 stderr). ``--quick`` (what ``tests/faults`` runs, about 2 minutes on 2 cores):
@@ -121,6 +123,10 @@ from fedfs.protocol.schema import (  # noqa: E402
 )
 from fedfs.trust.signing import generate_keypair, load_identity  # noqa: E402
 from fedfs.store import open_store  # noqa: E402
+
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_common.py: the output shape
+from _common import result, target  # noqa: E402
 
 ROUNDS = 3
 SITES = {"A": {"cases": 6, "seed": 1}, "B": {"cases": 3, "seed": 2}, "C": {"cases": 1, "seed": 3}}
@@ -1171,7 +1177,24 @@ def run_suite(*, quick: bool, root: Path | None = None, backends: tuple[str, ...
     out["duration_s"] = round(time.time() - t0, 1)
     out["clock_skew_mechanism"] = "faketime (libfaketime) and FEDFS_TOY_CLOCK_OFFSET_S" if shutil.which(
         "faketime") else "FEDFS_TOY_CLOCK_OFFSET_S only (libfaketime not installed)"
-    return out
+    return result("faults", out, check_targets(out))
+
+
+def check_targets(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every federation finished, the bucket's integrity held, and every bad input was refused for its reason."""
+    def zero(name: str) -> dict[str, Any]:
+        return target(f"{name} == 0", out[name], out[name] == 0)
+
+    return {
+        "federations_completed": target(f"federations_completed == federations_run ({out['federations_run']})",
+                                        out["federations_completed"],
+                                        out["federations_completed"] == out["federations_run"]),
+        **{name: zero(name) for name in ("corrupt_globals_published", "accepted_updates_lost",
+                                         "duplicate_updates_applied")},
+        "bad_inputs_rejected": target(
+            f"bad inputs refused with the expected reason == bad_inputs_tried ({out['bad_inputs_tried']})",
+            out["bad_inputs_rejected"], out["bad_inputs_rejected"] == out["bad_inputs_tried"]),
+    }
 
 
 def main() -> int:
@@ -1191,10 +1214,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
     text = json.dumps(out, indent=None if args.json else 2, sort_keys=False)
     print(text)
-    ok = (out["federations_completed"] == out["federations_run"] and out["corrupt_globals_published"] == 0
-          and out["accepted_updates_lost"] == 0 and out["duplicate_updates_applied"] == 0
-          and out["bad_inputs_rejected"] == out["bad_inputs_tried"])
-    return 0 if ok else 1
+    return 0 if out["all_targets_met"] else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ Documents travel through a real folder bucket (``BucketTransport``): each is a
 signed fedfs document published exclusively by its owner and verified by its
 reader, exactly as in a federation.
 
+Targets (issue 3), for FFE: plans identical to centralized nnU-Net's; relative error of the
+exact statistics at most 1e-6, of the quantiles 0 on integer images (1e-3 otherwise);
+CTNormalization within 1e-4 over the HU grid; a site's FFE step no slower than nnU-Net's own
+fingerprint of its data.
+
 ``python benchmarks/ffe_fidelity.py --json`` prints one JSON object on stdout;
 everything else (nnU-Net's chatter included) goes to stderr.
 """
@@ -28,6 +33,10 @@ import time
 from typing import Any, Protocol
 
 import numpy as np
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py: the output shape
+from _common import result, target  # noqa: E402
 
 STAT_EXACT = ("mean", "std", "min", "max")
 STAT_QUANTILE = ("median", "percentile_00_5", "percentile_99_5")
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref_diff = pl.diff_plans(ref_plans, central_plans, rel_tol=1e-6)
     fed_err, ref_err = rel_errors(ffe["fingerprint"], central_fp), rel_errors(ref_fp, central_fp)
     fed_ct, ref_ct = ct_norm_diff(ffe["fingerprint"], central_fp), ct_norm_diff(ref_fp, central_fp)
-    return {
+    figures = {
         "plans_identical": not plans_diff,
         "plans_diff": plans_diff,
         "site_plans_identical": len(set(ffe["digests"].values())) == 1,
@@ -341,6 +350,28 @@ def main(argv: list[str] | None = None) -> dict:
             "nnunet_centralized_fingerprint": round(central_fp_s, 3),
             "total": round(time.perf_counter() - t_start, 3),
         },
+    }
+    return result("ffe_fidelity", figures, check_targets(figures))
+
+
+def check_targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 3's targets for FFE against centralized nnU-Net (the reference merge's figures are for contrast)."""
+    integer = f["intensities"] == "integer"
+    quantile_limit = 0.0 if integer else 1e-3
+    timing = f["timing_s"]
+    step_ratio = max(timing["ffe_site_step"][s] / timing["nnunet_local_fingerprint"][s] for s in timing["ffe_site_step"])
+    return {
+        "plans_identical": target("plans fields differing from centralized nnU-Net's (rel. tol. 1e-6) == 0",
+                                  len(f["plans_diff"]), f["plans_identical"]),
+        "max_rel_err_exact_stats": target("max relative error of mean, std, min, max <= 1e-6",
+                                          f["max_rel_err_exact_stats"], f["max_rel_err_exact_stats"] <= 1e-6),
+        "max_rel_err_quantiles": target(
+            "max relative error of median, p0.5, p99.5 " + ("== 0 (integer images)" if integer else "<= 1e-3"),
+            f["max_rel_err_quantiles"], f["max_rel_err_quantiles"] <= quantile_limit),
+        "ct_norm_max_abs_diff": target("max |CTNormalization difference| over the HU grid <= 1e-4",
+                                       f["ct_norm_max_abs_diff"], f["ct_norm_max_abs_diff"] <= 1e-4),
+        "site_step_cost": target("max over sites of FFE site step / nnU-Net's own fingerprint of its data <= 1",
+                                 round(step_ratio, 3), step_ratio <= 1),
     }
 
 

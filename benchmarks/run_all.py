@@ -1,13 +1,14 @@
 """Run every benchmark in its quick form, keep each JSON, and write docs/benchmarks.md (``make bench``).
 
 Each benchmark is a script in this folder that prints one JSON object on stdout (logs on
-stderr). This runner starts each one as a subprocess with this interpreter, stores what it
+stderr), in the one shape of ``benchmarks/_common.py``: its figures, and ``targets`` as
+``{name: {rule, value, met}}``. This runner starts each one as a subprocess with this interpreter, stores what it
 printed under ``benchmarks/results/<name>.json`` (and ``<name>.log``: its stderr), records
 the command, exit code and wall time in ``benchmarks/results/run_all.json``, and renders
 ``docs/benchmarks.md``: the machine, one section per benchmark with its tables and the command
 that made them, after ``benchmarks/notes.md`` (hand-written remarks: repeats, variance, caveats).
-A script that does not exist yet is listed as missing; one that fails or
-prints no JSON is listed with the end of its stderr; neither stops the run.
+A script that does not exist yet is listed as missing; one that fails, prints no JSON or
+prints it in another shape is listed with the end of its stderr; neither stops the run.
 
     python benchmarks/run_all.py                   # all, quick forms (what `make bench` runs)
     python benchmarks/run_all.py --only quality    # one (repeatable); the others' stored results stay on the page
@@ -30,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # benchmarks/_common.py: the output shape
+from _common import shape_problems  # noqa: E402
+
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -133,6 +138,9 @@ def run_one(name: str, script: str, args: Sequence[str], timeout_s: float) -> di
     record["returncode"] = proc.returncode
     try:
         data = _parse_json(proc.stdout or "")
+        problems = shape_problems(data)
+        if problems:
+            raise ValueError("output not in the shape of benchmarks/_common.py: " + "; ".join(problems))
     except ValueError as exc:
         why = "timed out" if proc.returncode is None else f"exit code {proc.returncode}"
         tail = log_file.read_text(errors="replace")[-1500:]
@@ -202,27 +210,33 @@ def rows_table(rows: Sequence[Mapping[str, Any]], max_cols: int = 12) -> list[st
     return table(cols, [[r.get(c) for c in cols] for r in rows])
 
 
-def targets_table(targets: Any) -> list[str]:
-    if not isinstance(targets, dict) or not targets:
-        return []
-    rows = []
-    for name, t in targets.items():
-        if isinstance(t, dict):
-            met = t.get("met")
-            rows.append([f"`{name}`", t.get("rule", ""), t.get("value"), "n/a" if met is None else met])
-        else:
-            rows.append([f"`{name}`", "", None, t])
-    return ["Targets:", ""] + table(["target", "rule", "value", "met"], rows) + [""]
+def targets_table(data: Mapping[str, Any]) -> list[str]:
+    """The benchmark's ``targets``, which must be in the one shape (``benchmarks/_common.py``)."""
+    problems = shape_problems(data)
+    if problems:
+        raise ValueError("; ".join(problems))
+    targets = data["targets"]
+    rows = [[f"`{name}`", t["rule"], t["value"], t["met"]] for name, t in targets.items()]
+    met = sum(t["met"] for t in targets.values())
+    return [f"Targets: {met} of {len(rows)} met.", ""] + table(["target", "rule", "value", "met"], rows) + [""]
+
+
+def targets_summary(name: str) -> str:
+    """``met/total`` for the summary table, from the stored result ('' when there is none)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        targets = json.loads((RESULTS / f"{name}.json").read_text())["targets"]
+        return f"{sum(bool(t['met']) for t in targets.values())}/{len(targets)}"
+    return ""
 
 
 # ------------------------------------------------------------------ per-benchmark sections
 
 def render_generic(data: Mapping[str, Any]) -> list[str]:
-    lines = targets_table(data.get("targets"))
+    lines = targets_table(data)
     rows = data.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         lines += rows_table(rows) + [""]
-    scalars = flat_scalars(data, skip=("targets", "rows", "machine"))
+    scalars = flat_scalars(data, skip=("benchmark", "targets", "all_targets_met", "rows", "machine"))
     if scalars:
         lines += table(["field", "value"], [[f"`{k}`", v] for k, v in scalars[:60]]) + [""]
     return lines
@@ -249,7 +263,7 @@ def render_quality(data: Mapping[str, Any]) -> list[str]:
         mm = means.get(m, {})
         body.append([f"`{m}`"] + vals + [f"**{mm.get('dice', float('nan')):.3f}**", f"{mm.get('hd95', float('nan')):.1f}"])
     lines += table(header, body) + [""]
-    lines += targets_table(data.get("targets"))
+    lines += targets_table(data)
     wall, ev = data.get("wall_s", {}), data.get("eval_s", {})
     extra = data.get("arms", {})
     arm_rows = []
@@ -269,7 +283,8 @@ def render_faults(data: Mapping[str, Any]) -> list[str]:
     keys = ("federations_run", "federations_completed", "faults_injected", "faults_missed", "unexpected_exits",
             "corrupt_globals_published", "accepted_updates_lost", "duplicate_updates_applied", "bad_inputs_tried",
             "bad_inputs_rejected", "bad_input_kinds", "duration_s", "clock_skew_mechanism")
-    lines = table(["metric", "value"], [[f"`{k}`", data.get(k)] for k in keys if k in data]) + [""]
+    lines = targets_table(data)
+    lines += table(["metric", "value"], [[f"`{k}`", data.get(k)] for k in keys if k in data]) + [""]
     runs = [{"backend": b, **{k: r.get(k) for k in ("scenario", "completed", "duration_s", "faults_injected", "error")}}
             for b, pb in (data.get("per_backend") or {}).items() for r in pb.get("runs", [])]
     if runs:
@@ -311,8 +326,8 @@ def render_page(records: Mapping[str, Mapping[str, Any]], mach: Mapping[str, Any
         r = records.get(name, {})
         command = r.get("command") or f"python benchmarks/{script} {' '.join(args)}".strip()
         summary.append([f"[{name}](#{name.replace('_', '-')})", f"`{command}`",
-                        r.get("status", "not run"), r.get("wall_s"), what])
-    lines += table(["benchmark", "command", "status", "wall s", "what it measures"], summary) + [""]
+                        r.get("status", "not run"), r.get("wall_s"), targets_summary(name), what])
+    lines += table(["benchmark", "command", "status", "wall s", "targets met", "what it measures"], summary) + [""]
     for name, script, _args, _what in BENCHMARKS:
         r = records.get(name, {})
         lines += [f"## {name}", ""]
