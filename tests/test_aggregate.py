@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from fedfs.fl.aggregate import (
-    CHUNK_ELEMS,
-    FedAsync,
-    FedAvg,
-    FedBuff,
-    Staleness,
-    Update,
-    aggregate,
-    aggregate_asym,
-    extract_site,
-)
-import fedfs.fl.aggregate as aggregate_module
+import fedfs.weights.combine as aggregate_module
 from fedfs.errors import ConfigError, ValidationError
+from fedfs.fl.aggregate import FedAsync, FedAvg, FedBuff, Staleness, Update, accept, number_sources, output_groups
+from fedfs.fl.combination import plan
+from fedfs.weights.combine import CHUNK_ELEMS, aggregate, aggregate_asym, extract_site
 from fedfs.weights.tensors import load_weights, save_weights
 
 
@@ -149,6 +142,27 @@ def test_synchronous_fedbuff_is_fedavg_byte_for_byte(put, tmp_path):
     buff = aggregate(ups, tmp_path / "buff.safetensors", rule=FedBuff(eta=1.0), global_path=g, version=6)
     # Assert
     assert open(avg.path, "rb").read() == open(buff.path, "rb").read()
+
+
+
+def test_the_plan_is_made_from_headers_alone():
+    # Prepare: plain header data, no files; G and B=v2 hold one tensor each, A and B were trained on 1 and 3 cases
+    def header(path, **meta):
+        return SimpleNamespace(path=path, metadata=meta,
+                               tensors={"w": SimpleNamespace(dtype="F32", shape=(2,), start=8 + len(path), numel=2)},
+                               shapes=lambda: {"w": (2,)})
+    rule = FedBuff(staleness=Staleness("constant"))
+    glob, v2 = header("g"), header("v2")
+    accepted = [accept(Update("A", "a", base_version=4), header("a", num_cases="1"), rule, 4),
+                accept(Update("B", "b", base_version=2), header("b", num_cases="3"), rule, 4)]
+    for a in accepted:
+        a.groups = output_groups(a.info.shapes(), None)
+    # Execute
+    bases, first = number_sources(accepted, {2: v2})
+    outs, conflicts = plan(rule, glob, bases, accepted, first)
+    # Assert: G: 1 - 1/4 (A's own base is G), v2: -3/4, A: 1/4, B: 3/4, by source index
+    assert (first, conflicts) == (2, [])
+    assert [(t.src, t.coef) for t in outs[0].terms] == [(0, 0.75), (1, -0.75), (2, 0.25), (3, 0.75)]
 
 
 # ---- FedAsync ------------------------------------------------------------------

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fedfs.errors import IntegrityError, SchemaError, TooLarge, ValidationError
+from fedfs.weights.header import inspect_weights, safetensors_header
 from fedfs.weights.tensors import (
     canonical_state,
-    inspect_weights,
     load_weights,
-    safetensors_header,
+    relative_change,
     save_weights,
     validate_update,
     weights_metadata,
@@ -112,6 +114,26 @@ def test_own_header_writer_is_readable_by_safetensors(tmp_path):
     # Assert
     assert offsets == [0, 8] and len(header) % 8 == 0
     assert tensors["a"].tolist() == [1, 2] and tensors["b"].tolist() == [3] and meta == {"k": "v"}
+
+
+
+def test_header_parsing_never_imports_torch():
+    # Execute: a fresh interpreter reads keys and shapes through fedfs.weights.header
+    code = ("import sys, fedfs.weights.header as h, fedfs.fl.combination; "
+            "assert h.ALLOWED_DTYPES['BF16'] == 2; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # Assert
+    assert out.strip() == "False"
+
+
+def test_relative_change_over_shared_float_tensors(tmp_path):
+    # Prepare: base w = (3, 4), x w = (3, 4) + (0, 5); "n" (integer) and "extra" (not in base) are skipped
+    base, x = tmp_path / "base.safetensors", tmp_path / "x.safetensors"
+    save_weights(base, {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(1)})
+    save_weights(x, {"w": torch.tensor([3.0, 9.0]), "n": torch.tensor(9), "extra": torch.tensor([100.0])})
+    # Execute / Assert: ||(0, 5)|| / ||(3, 4)|| = 1
+    assert relative_change(str(x), str(base)) == pytest.approx(1.0)
+    assert relative_change(str(base), str(base)) == 0.0
 
 
 # ---- rejections ----------------------------------------------------------------
