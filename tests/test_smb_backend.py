@@ -12,6 +12,7 @@ import pytest
 
 from fedfs.errors import ConfigError, Conflict, NotFound, StoreUnavailable, TooLarge
 from fedfs.store import smb as smb_module
+from fedfs.store import translate_errors
 from fedfs.store.smb import SMBStore
 
 try:
@@ -236,7 +237,7 @@ def _race_worker(url: str, password: str, writer: int, keys: int, barrier, resul
     won = []
     for k in range(keys):
         key = f"race/k{k:04d}.json"
-        with store._errors(key, writing=False):
+        with translate_errors(store, key):
             tmp = store._write_temp(store._path(key), iter((f"writer {writer}".encode(),)))
         barrier.wait()
         try:
@@ -273,3 +274,43 @@ def test_publish_race_across_processes(samba: SambaInfo) -> None:
     assert {k: w for k, w in winners.items() if len(w) != 1} == {}
     store = SMBStore(url, password=samba.password)
     assert store.read_bytes("race/k0007.json") == f"writer {winners[7][0]}".encode()
+
+
+def test_smb_error_table() -> None:
+    """smbprotocol's classes and NTSTATUS codes map to fedfs classes, with the key, without a server."""
+    from smbprotocol.exceptions import SMBAuthenticationError, SMBConnectionClosed, SMBOSError
+    from smbprotocol.header import NtStatus
+
+    from fedfs.errors import StateUnknown, StoreError
+    from fedfs.store.base import translate
+
+    store = SMBStore("smb://alice@host:4450/share/fed", password="p")
+    where = store.describe("k.json")
+
+    def refused_connect() -> ValueError:
+        try:
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError as err:
+                raise ValueError("Failed to connect to 'host:4450': [Errno 111] Connection refused") from err
+        except ValueError as exc:
+            return exc
+
+    cases = [
+        (SMBOSError(NtStatus.STATUS_OBJECT_NAME_COLLISION, "x"), True, Conflict, f"{where}: already exists"),
+        (SMBOSError(NtStatus.STATUS_OBJECT_PATH_NOT_FOUND, "x"), False, NotFound, f"{where}: not found"),
+        (SMBOSError(NtStatus.STATUS_ACCESS_DENIED, "x"), True, StoreError, f"{where}: permission denied"),
+        (SMBOSError(NtStatus.STATUS_LOGON_FAILURE, "x"), True, StoreUnavailable,
+         f"{where}: STATUS_LOGON_FAILURE (check share name and credentials)"),
+        (SMBOSError(NtStatus.STATUS_DISK_FULL, "x"), True, StoreError, None),
+        (SMBAuthenticationError("bad"), False, StoreUnavailable, f"{where}: SMB login failed (bad)"),
+        (SMBConnectionClosed("gone"), True, StateUnknown, f"{where}: SMBConnectionClosed: gone"),
+        (SMBConnectionClosed("gone"), False, StoreUnavailable, None),
+        (refused_connect(), True, StoreUnavailable, None),  # nothing was sent
+        (ValueError("not a connect failure"), False, StoreError, None),
+    ]
+    for exc, writing, cls, message in cases:
+        err = translate(store, exc, "k.json", writing=writing)
+        assert type(err) is cls and err.key == "k.json", (exc, err)
+        assert message is None or str(err) == message, str(err)
+    assert str(translate(store, cases[4][0], "k.json")).startswith(f"{where}: STATUS_DISK_FULL: ")

@@ -1,4 +1,4 @@
-"""The Store interface every backend implements, and the one error-translation table.
+"""The Store interface every backend implements, and how backend errors become fedfs errors.
 
 A store is a flat key/value space of bytes under one root URL. Keys are relative,
 ``/``-separated, validated by :func:`fedfs.protocol.layout.check_key`. Backends implement
@@ -8,6 +8,12 @@ in :mod:`fedfs.trust.bucket`, so a new backend is only these few methods.
 ``publish`` is the one that matters: it is *exclusive* (put-if-absent) and
 atomic, so a reader never sees a half-written published file and two writers of
 the same key cannot both succeed.
+
+Errors: every public method runs its primitive inside :func:`translate_errors`. Each backend
+declares, in its own module, an :data:`ErrorTable` (``Store.error_table``) mapping its
+library's exception classes and status codes to an :class:`Outcome`; the generic
+:data:`OS_ERRORS` table here covers builtins and errno codes. The first matching row decides,
+so nothing parses a message, and every translated error carries the key it concerns.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ import errno
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import BinaryIO, ClassVar
 
 from ..errors import (
     Conflict,
     FedfsError,
+    IntegrityError,
     NotFound,
     StateUnknown,
     StoreError,
@@ -30,6 +39,11 @@ from ..errors import (
     TooLarge,
 )
 from ..protocol.layout import check_key
+
+__all__ = [
+    "CHUNK", "ErrorTable", "OS_ERRORS", "Outcome", "Rule", "Store", "errno_in", "sha256_file", "too_large",
+    "translate", "translate_errors",
+]
 
 CHUNK = 8 * 1024 * 1024
 
@@ -41,6 +55,8 @@ class Store(ABC):
     scheme: str = ""
     #: True where changes can be watched with inotify (a local, non-network folder).
     local_path: str | None = None
+    #: This backend's own exceptions, tried before :data:`OS_ERRORS` (see :func:`translate`).
+    error_table: ClassVar[ErrorTable] = ()
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -135,10 +151,8 @@ class Store(ABC):
         digest = fh.hexdigest()
         if expected_sha256 is not None and digest != expected_sha256:
             os.unlink(tmp)
-            from ..errors import IntegrityError
-
             raise IntegrityError(
-                f"{self.describe(key)}: sha256 {digest} does not match the manifest's {expected_sha256}"
+                f"{self.describe(key)}: sha256 {digest} does not match the manifest's {expected_sha256}", key=key
             )
         os.replace(tmp, local_path)
         return digest
@@ -176,63 +190,105 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-# Errors that mean "nothing was written, the server said no": conflict or absence.
-_CONFLICT_ERRNOS = {errno.EEXIST}
-_NOTFOUND_ERRNOS = {errno.ENOENT}
-_UNAVAILABLE_NAMES = (
-    "EndpointConnectionError",
-    "ConnectTimeoutError",
-    "ClientConnectorError",
-    "ServerDisconnectedError",
-    "ConnectionClosed",
-    "SMBConnectionClosed",
-    "NoCredentialsError",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
+# ---- error translation: the generic table here, one table per backend in its module --------
+class Outcome(Enum):
+    """What a backend exception means for fedfs; each outcome is one class of :mod:`fedfs.errors`."""
+
+    CONFLICT = "already exists"  # the key exists (an exclusive publish lost): Conflict
+    NOT_FOUND = "not found"  # NotFound
+    DENIED = "permission denied"  # the server refused the operation: StoreError
+    UNAVAILABLE = "unavailable"  # nothing can have reached the server (refused connect, no login): StoreUnavailable
+    CONNECTION_LOST = "connection lost"  # a write may have landed: StateUnknown; a read: StoreUnavailable
+    FAILED = "failed"  # anything else the backend reports: StoreError
+
+
+_LABELLED = (Outcome.CONFLICT, Outcome.NOT_FOUND, Outcome.DENIED)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of an error table: an exception of ``cls`` for which ``when`` holds means ``outcome``.
+
+    The message is ``"<where>: <label>"`` for the labelled outcomes (``"permission denied (<detail>)"``
+    when ``detail`` is given), else ``"<where>: <detail>"``, by default the exception's class and text.
+    """
+
+    cls: type[BaseException] | tuple[type[BaseException], ...]
+    outcome: Outcome
+    when: Callable[[BaseException], bool] | None = None
+    detail: Callable[[BaseException], str] | None = None
+
+    def matches(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.cls) and (self.when is None or self.when(exc))
+
+    def error(self, exc: BaseException, where: str, key: str, *, writing: bool) -> FedfsError:
+        """The fedfs error this row makes of ``exc`` at ``key`` (described as ``where``)."""
+        detail = self.detail(exc) if self.detail else None
+        if self.outcome in _LABELLED:
+            label = self.outcome.value
+            text = f"{label} ({detail})" if detail and self.outcome is Outcome.DENIED else label
+        else:
+            text = detail or f"{type(exc).__name__}: {exc}"
+        if self.outcome is Outcome.CONNECTION_LOST:
+            cls: type[FedfsError] = StateUnknown if writing else StoreUnavailable
+        else:
+            cls = _ERROR_CLASS[self.outcome]
+        return cls(f"{where}: {text}", key=key)
+
+
+_ERROR_CLASS: dict[Outcome, type[FedfsError]] = {
+    Outcome.CONFLICT: Conflict,
+    Outcome.NOT_FOUND: NotFound,
+    Outcome.DENIED: StoreError,
+    Outcome.UNAVAILABLE: StoreUnavailable,
+    Outcome.FAILED: StoreError,
+}
+
+#: A backend's table: rows tried in order, the first that matches decides.
+ErrorTable = tuple[Rule, ...]
+
+
+def errno_in(*codes: int) -> Callable[[BaseException], bool]:
+    """A ``Rule.when`` that holds for an OSError carrying one of ``codes``."""
+    return lambda exc: getattr(exc, "errno", None) in codes
+
+
+#: The generic table, tried after the backend's own: builtins and errno codes, as a folder (and
+#: anything that already speaks OSError, s3fs included) raises them.
+OS_ERRORS: ErrorTable = (
+    Rule(FileExistsError, Outcome.CONFLICT),
+    Rule(FileNotFoundError, Outcome.NOT_FOUND),
+    Rule(PermissionError, Outcome.DENIED, detail=str),
+    Rule((ConnectionError, TimeoutError), Outcome.CONNECTION_LOST),
+    Rule(OSError, Outcome.CONFLICT, when=errno_in(errno.EEXIST)),
+    Rule(OSError, Outcome.NOT_FOUND, when=errno_in(errno.ENOENT)),
+    Rule(OSError, Outcome.CONNECTION_LOST, when=errno_in(errno.EHOSTUNREACH, errno.ENETUNREACH)),
 )
+_ANYTHING_ELSE = Rule(BaseException, Outcome.FAILED)
+
+
+def translate(store: Store, exc: BaseException, key: str, *, writing: bool = False) -> FedfsError:
+    """The fedfs error for backend exception ``exc``: the store's table first, then :data:`OS_ERRORS`."""
+    rule = next((r for r in (*store.error_table, *OS_ERRORS) if r.matches(exc)), _ANYTHING_ELSE)
+    return rule.error(exc, store.describe(key), key, writing=writing)
 
 
 @contextlib.contextmanager
 def translate_errors(store: Store, key: str, *, writing: bool = False) -> Iterator[None]:
-    """Translate backend exceptions into the fedfs tree. The one place that does it.
+    """Raise every backend exception inside as its fedfs error (:func:`translate`), carrying ``key``.
 
-    A write that dies with a connection error may have reached the server:
-    for writes it becomes :class:`StateUnknown`; for reads, :class:`StoreUnavailable`.
+    ``writing`` marks a step whose effect may already be visible: a connection lost there
+    is :class:`StateUnknown`, elsewhere :class:`StoreUnavailable`.
     """
-    where = store.describe(key)
     try:
         yield
-    except FedfsError:
+    except FedfsError as exc:
+        if exc.key is None:
+            exc.key = key
         raise
-    except FileExistsError as exc:
-        raise Conflict(f"{where}: already exists") from exc
-    except FileNotFoundError as exc:
-        raise NotFound(f"{where}: not found") from exc
-    except PermissionError as exc:
-        raise StoreError(f"{where}: permission denied ({exc})") from exc
-    except (ConnectionError, TimeoutError) as exc:
-        cls = StateUnknown if writing else StoreUnavailable
-        raise cls(f"{where}: {type(exc).__name__}: {exc}") from exc
-    except OSError as exc:
-        if exc.errno in _CONFLICT_ERRNOS:
-            raise Conflict(f"{where}: already exists") from exc
-        if exc.errno in _NOTFOUND_ERRNOS:
-            raise NotFound(f"{where}: not found") from exc
-        raise StoreError(f"{where}: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # botocore / aiohttp / smbprotocol specific classes
-        name = type(exc).__name__
-        text = str(exc)
-        if "PreconditionFailed" in text or "412" in text and "Precondition" in text:
-            raise Conflict(f"{where}: already exists") from exc
-        if "NoSuchKey" in text or "404" in text or "STATUS_OBJECT_NAME_NOT_FOUND" in text:
-            raise NotFound(f"{where}: not found") from exc
-        if "STATUS_OBJECT_NAME_COLLISION" in text:
-            raise Conflict(f"{where}: already exists") from exc
-        if name in _UNAVAILABLE_NAMES or any(n in text for n in _UNAVAILABLE_NAMES):
-            cls = StateUnknown if writing else StoreUnavailable
-            raise cls(f"{where}: {name}: {text}") from exc
-        raise StoreError(f"{where}: {name}: {text}") from exc
+    except Exception as exc:
+        raise translate(store, exc, key, writing=writing) from exc
 
 
 def too_large(store: Store, key: str, limit: int) -> TooLarge:
-    return TooLarge(f"{store.describe(key)}: larger than the {limit}-byte limit for this kind of file")
+    return TooLarge(f"{store.describe(key)}: larger than the {limit}-byte limit for this kind of file", key=key)

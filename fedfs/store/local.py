@@ -21,6 +21,8 @@ from typing import BinaryIO
 from ..errors import InvalidName
 from .base import CHUNK, Store, too_large
 
+__all__ = ["LocalStore"]
+
 _NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
@@ -29,7 +31,11 @@ def _is_temp(name: str) -> bool:
 
 
 class LocalStore(Store):
+    """A folder as a bucket, with an ``os.link`` exclusive publish."""
+
     scheme = "file"
+    #: A folder raises only OSErrors: the generic table (base.OS_ERRORS) is this backend's table.
+    error_table = ()
 
     def __init__(self, url: str, root: str, **options: object) -> None:
         super().__init__(url)
@@ -68,16 +74,16 @@ class LocalStore(Store):
         path = self._path(key)
         parent = os.path.realpath(os.path.dirname(path))
         if parent != self.real_root and not parent.startswith(self.real_root + os.sep):
-            raise InvalidName(f"{self.describe(key)}: lies outside the bucket through a symbolic link")
+            raise InvalidName(f"{self.describe(key)}: lies outside the bucket through a symbolic link", key=key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise InvalidName(f"{self.describe(key)}: is a symbolic link; refusing to follow it") from None
+                raise InvalidName(f"{self.describe(key)}: is a symbolic link; refusing to follow it", key=key) from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise InvalidName(f"{self.describe(key)}: is not a regular file")
+            raise InvalidName(f"{self.describe(key)}: is not a regular file", key=key)
         return fd
 
     def _read(self, key: str, max_size: int | None) -> bytes:
@@ -140,7 +146,7 @@ class LocalStore(Store):
     def _size(self, key: str) -> int:
         st = os.lstat(self._path(key))
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidName(f"{self.describe(key)}: is not a regular file")
+            raise InvalidName(f"{self.describe(key)}: is not a regular file", key=key)
         return st.st_size
 
     def _delete(self, key: str) -> None:

@@ -9,18 +9,55 @@ Endpoint and credentials come the standard way (``AWS_ENDPOINT_URL``,
 roles...) and storage options override them (``endpoint_url``, ``key``,
 ``secret``, ``profile``, ``client_kwargs``). Listing caches are off: the
 bucket changes under us and a stale listing would hide new rounds.
+
+Errors: s3fs already turns most ``ClientError`` codes into builtins
+(``s3fs.errors.translate_boto_error``: ``NoSuchKey`` is ``FileNotFoundError``, ``AccessDenied``
+``PermissionError``, a 412 to ``If-None-Match`` ``FileExistsError``), which the generic table
+handles. :data:`S3_ERRORS` covers what it leaves: a ``PreconditionFailed`` from a server that
+does not name the condition (s3fs then raises ``OSError(EINVAL)`` caused by the ClientError),
+raw ClientErrors, and botocore's transport and credential exceptions.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from .base import CHUNK, Store, too_large
+from botocore import exceptions as boto
+
+from .base import CHUNK, ErrorTable, Outcome, Rule, Store, too_large
+
+__all__ = ["S3Store", "S3_ERRORS"]
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a ClientError, or of the ClientError s3fs translated into ``exc``."""
+    for err in (exc, exc.__cause__):
+        if isinstance(err, boto.ClientError):
+            return str(err.response.get("Error", {}).get("Code", ""))
+    return None
+
+
+def _code_in(*codes: str) -> Callable[[BaseException], bool]:
+    return lambda exc: s3_error_code(exc) in codes
+
+
+#: botocore/s3fs exceptions -> fedfs outcomes (tried before base.OS_ERRORS).
+S3_ERRORS: ErrorTable = (
+    Rule(Exception, Outcome.CONFLICT, when=_code_in("PreconditionFailed", "412")),
+    Rule(Exception, Outcome.NOT_FOUND, when=_code_in("NoSuchKey", "NotFound", "404")),
+    Rule((boto.NoCredentialsError, boto.PartialCredentialsError), Outcome.UNAVAILABLE),
+    Rule((boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ProxyConnectionError,
+          boto.ReadTimeoutError, boto.ConnectionClosedError), Outcome.CONNECTION_LOST),
+)
 
 
 class S3Store(Store):
+    """A bucket (and prefix) on an S3-compatible server, with an ``If-None-Match: *`` publish."""
+
     scheme = "s3"
+    error_table = S3_ERRORS
 
     def __init__(self, url: str, bucket_path: str, **options: Any) -> None:
         super().__init__(url)

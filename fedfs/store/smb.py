@@ -1,10 +1,7 @@
 """The SMB (CIFS) backend, spoken directly with smbclient (smbprotocol), no mount needed.
 
-URL: ``smb://[user@]host[:port]/share[/prefix/...]``. Options ``host``, ``port``,
-``username`` and ``password`` override the URL; the username may also come from
-``FEDFS_SMB_USER`` and the password from ``FEDFS_SMB_PASSWORD``. A password inside
-the URL is refused (:class:`~fedfs.errors.ConfigError`): URLs end up in logs and
-error messages, passwords must not.
+URL ``smb://[user@]host[:port]/share[/prefix/...]``; the options, the credentials and the
+session are :mod:`fedfs.store.smb_session`'s. This module is the file operations.
 
 How ``publish`` is exclusive and atomic
 ---------------------------------------
@@ -31,30 +28,26 @@ option ``hardlinks=False`` to use that path from the start.
 Readers open files with full sharing (read/write/delete) so that such a replace
 is never blocked by a reader, and keep reading the old content if it happens.
 
-Errors: SMB status codes are translated here (smbprotocol's ``SMBOSError`` with
-errno 17 is not a ``FileExistsError``; a refused TCP connect surfaces as
-``ValueError``). A failure before anything could have become visible is
-:class:`~fedfs.errors.StoreUnavailable`; one during the step that makes data
-visible (link, replace, delete) is :class:`~fedfs.errors.StateUnknown`.
+Errors: :data:`SMB_ERRORS` translates smbprotocol's exceptions by class and NTSTATUS code
+(``SMBOSError`` with errno 17 is not a ``FileExistsError``; a refused TCP connect surfaces
+as a ``ValueError`` caused by the socket's ``OSError``). A failure before anything could
+have become visible is :class:`~fedfs.errors.StoreUnavailable`; one during the step that
+makes data visible (link, replace, delete) is :class:`~fedfs.errors.StateUnknown`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import ntpath
 import os
 import stat as stat_mod
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlsplit
 
 import smbclient
-from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
     SMBAuthenticationError,
     SMBConnectionClosed,
@@ -63,40 +56,32 @@ from smbprotocol.exceptions import (
 )
 from smbprotocol.header import NtStatus
 
-from ..errors import ConfigError, Conflict, FedfsError, NotFound, StateUnknown, StoreError, StoreUnavailable
-from ..protocol.layout import check_key
-from .base import CHUNK, Store, too_large
+from ..errors import NotFound
+from .base import CHUNK, ErrorTable, Outcome, Rule, Store, too_large, translate_errors
+from .smb_session import SMBLocation, SMBSession
 
-__all__ = ["SMBStore"]
+__all__ = ["SMBStore", "SMB_ERRORS", "is_temp_name"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 445
-_OPTIONS = {"host", "port", "username", "password", "encrypt", "timeout", "hardlinks"}
+#: NTSTATUS codes some smbprotocol releases do not name.
+_UNNAMED = {"STATUS_NOT_IMPLEMENTED": 0xC0000002, "STATUS_WRONG_PASSWORD": 0xC000006A,
+            "STATUS_PASSWORD_EXPIRED": 0xC0000071, "STATUS_ACCOUNT_DISABLED": 0xC0000072}
+
+
+def _statuses(*names: str) -> frozenset[int]:
+    return frozenset(getattr(NtStatus, name, None) or _UNNAMED[name] for name in names)
+
 
 # Statuses meaning "this server/filesystem does not do hard links": fall back to rename.
-_NO_LINK = {
-    NtStatus.STATUS_NOT_SUPPORTED,
-    NtStatus.STATUS_INVALID_DEVICE_REQUEST,
-    NtStatus.STATUS_INVALID_INFO_CLASS,
-    NtStatus.STATUS_INVALID_PARAMETER,
-    getattr(NtStatus, "STATUS_NOT_IMPLEMENTED", 0xC0000002),
-}
-_BUSY = {NtStatus.STATUS_SHARING_VIOLATION, NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_DELETE_PENDING}
-_UNREACHABLE = {
-    NtStatus.STATUS_LOGON_FAILURE,
-    NtStatus.STATUS_BAD_NETWORK_NAME,
-    NtStatus.STATUS_USER_SESSION_DELETED,
-    NtStatus.STATUS_NETWORK_NAME_DELETED,
-    getattr(NtStatus, "STATUS_WRONG_PASSWORD", 0xC000006A),
-    getattr(NtStatus, "STATUS_PASSWORD_EXPIRED", 0xC0000071),
-    getattr(NtStatus, "STATUS_ACCOUNT_DISABLED", 0xC0000072),
-}
-
-
-def is_temp_name(name: str) -> bool:
-    """True for this backend's in-flight temporary files, which listings hide."""
-    return name.startswith(".") and name.endswith(".tmp")
+_NO_LINK = _statuses("STATUS_NOT_SUPPORTED", "STATUS_INVALID_DEVICE_REQUEST", "STATUS_INVALID_INFO_CLASS",
+                     "STATUS_INVALID_PARAMETER", "STATUS_NOT_IMPLEMENTED")
+# Statuses of a replace that a reader or a pending delete is holding up: retry.
+_BUSY = _statuses("STATUS_SHARING_VIOLATION", "STATUS_ACCESS_DENIED", "STATUS_DELETE_PENDING")
+# Statuses meaning "wrong share or login": nothing was done.
+_UNREACHABLE = _statuses("STATUS_LOGON_FAILURE", "STATUS_BAD_NETWORK_NAME", "STATUS_USER_SESSION_DELETED",
+                         "STATUS_NETWORK_NAME_DELETED", "STATUS_WRONG_PASSWORD", "STATUS_PASSWORD_EXPIRED",
+                         "STATUS_ACCOUNT_DISABLED")
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -107,142 +92,70 @@ def _status_of(exc: BaseException) -> int | None:
     return None
 
 
-def _is_connection_failure(exc: BaseException) -> bool:
-    """A transport-level failure: refused/dropped TCP, timeouts, closed SMB connection."""
-    if isinstance(exc, (ConnectionError, TimeoutError, SMBConnectionClosed)):
-        return True
-    if isinstance(exc, OSError) and not isinstance(exc, SMBOSError) and exc.errno is not None:
-        return exc.errno in {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE}
-    # smbprotocol wraps a failed TCP connect as ValueError("Failed to connect to 'host:port': ...").
-    return isinstance(exc, ValueError) and str(exc).startswith("Failed to connect to")
+def _status_name(status: int | None) -> str:
+    if status is None:
+        return "SMB error"
+    for name, value in (*vars(NtStatus).items(), *_UNNAMED.items()):
+        if name.startswith("STATUS_") and value == status:
+            return name
+    return f"NTSTATUS 0x{status:08x}"
+
+
+def _status_in(statuses: frozenset[int]) -> Callable[[BaseException], bool]:
+    return lambda exc: _status_of(exc) in statuses
+
+
+_SMB_STATUS = (SMBOSError, SMBResponseException)
+
+#: smbprotocol's exceptions -> fedfs outcomes (tried before base.OS_ERRORS).
+SMB_ERRORS: ErrorTable = (
+    Rule(_SMB_STATUS, Outcome.CONFLICT, when=_status_in(_statuses("STATUS_OBJECT_NAME_COLLISION"))),
+    Rule(_SMB_STATUS, Outcome.NOT_FOUND, when=_status_in(_statuses(
+        "STATUS_OBJECT_NAME_NOT_FOUND", "STATUS_OBJECT_PATH_NOT_FOUND", "STATUS_NOT_FOUND"))),
+    Rule(_SMB_STATUS, Outcome.UNAVAILABLE, when=_status_in(_UNREACHABLE),
+         detail=lambda exc: f"{_status_name(_status_of(exc))} (check share name and credentials)"),
+    Rule(_SMB_STATUS, Outcome.DENIED, when=_status_in(_statuses("STATUS_ACCESS_DENIED"))),
+    Rule(_SMB_STATUS, Outcome.FAILED, detail=lambda exc: f"{_status_name(_status_of(exc))}: {exc}"),
+    Rule(SMBAuthenticationError, Outcome.UNAVAILABLE, detail=lambda exc: f"SMB login failed ({exc})"),
+    Rule(SMBConnectionClosed, Outcome.CONNECTION_LOST),
+    # smbprotocol raises a failed TCP connect as ValueError("Failed to connect ...") from the OSError.
+    Rule(ValueError, Outcome.UNAVAILABLE, when=lambda exc: isinstance(exc.__cause__, OSError)),
+)
+
+
+def is_temp_name(name: str) -> bool:
+    """True for this backend's in-flight temporary files, which listings hide."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 class SMBStore(Store):
     """A bucket on an SMB share (Samba, Windows, NAS), with a hard-link exclusive publish."""
 
     scheme = "smb"
+    error_table = SMB_ERRORS
 
     def __init__(self, url: str, **options: Any) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigError(f"unknown SMB option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        parts = urlsplit(url)
-        if parts.scheme != "smb":
-            raise ConfigError(f"{url!r} is not an smb:// URL")
-        if parts.password is not None:
-            raise ConfigError("put the SMB password in FEDFS_SMB_PASSWORD or the 'password' option, not in the URL")
-        self.host: str = options.get("host") or parts.hostname or ""
-        if not self.host:
-            raise ConfigError(f"{url!r} names no SMB host")
-        try:
-            self.port = int(options.get("port") or parts.port or DEFAULT_PORT)
-        except ValueError as exc:
-            raise ConfigError(f"bad SMB port in {url!r}") from exc
-        self.username: str | None = (
-            options.get("username")
-            or (unquote(parts.username) if parts.username else None)
-            or os.environ.get("FEDFS_SMB_USER")
-            or None
-        )
-        self._password: str | None = options.get("password") or os.environ.get("FEDFS_SMB_PASSWORD") or None
-        self._encrypt: bool | None = options.get("encrypt")
-        self._timeout = float(options.get("timeout", 30))
-        self._hardlinks = bool(options.get("hardlinks", True))
+        location = SMBLocation.parse(url, options)
+        super().__init__(location.url)
+        self.host, self.port, self.share = location.host, location.port, location.share
+        self.prefix, self.username = location.prefix, location.username
+        self._hardlinks = location.hardlinks
         #: How publish is made exclusive, for ``fedfs doctor``: "link", or "rename" where links are refused.
         self.publish_mechanism = "link" if self._hardlinks else "rename"
-
-        segments = [unquote(s) for s in parts.path.split("/") if s]
-        if not segments:
-            raise ConfigError(f"{url!r} names no share: use smb://host/share[/prefix]")
-        self.share, prefix = segments[0], "/".join(segments[1:])
-        if prefix:
-            check_key(prefix)
-        self.prefix = prefix
-        user = f"{self.username}@" if self.username else ""
-        super().__init__(f"smb://{user}{self.host}:{self.port}/{'/'.join(segments)}")
-
-        self._root = "\\\\" + self.host + "\\" + self.share + ("\\" + prefix.replace("/", "\\") if prefix else "")
-        self._cache: dict[str, Any] = {}  # this store's own smbclient connection pool
-        self._lock = threading.Lock()
-        self._share_seen = False
-        self._client_guid = uuid.uuid4()
-        self._pool_key = f"{self.host.lower()}:{self.port}"  # smbclient's key for its connection pool
+        self._root = location.root
+        self._session = SMBSession(location)
 
     # ---- plumbing -------------------------------------------------------------
     @property
     def _kw(self) -> dict[str, Any]:
-        return {
-            "username": self.username,
-            "password": self._password,
-            "port": self.port,
-            "connection_timeout": self._timeout,
-            "connection_cache": self._cache,
-            **({"encrypt": self._encrypt} if self._encrypt is not None else {}),
-        }
+        return self._session.kw
 
     def _path(self, key: str) -> str:
         return self._root + ("\\" + key.replace("/", "\\") if key else "")
 
     def _connect(self, key: str) -> None:
-        """Make sure a session exists (serialised, so threads share one connection)."""
-        with self._errors(key, writing=False), self._lock:
-            # Our own connection with our own client GUID: smbclient would give every connection
-            # of the process the same GUID, and Samba (multichannel) then hands concurrent
-            # connections between its processes, which was seen to hang session setup.
-            pooled = self._cache.get(self._pool_key)
-            if pooled is None or not pooled.transport.connected:
-                connection = Connection(self._client_guid, self.host, self.port)
-                connection.connect(timeout=self._timeout)
-                self._cache[self._pool_key] = connection
-            smbclient.register_session(
-                self.host,
-                username=self.username,
-                password=self._password,
-                port=self.port,
-                encrypt=self._encrypt,
-                connection_timeout=self._timeout,
-                connection_cache=self._cache,
-            )
-            if not self._share_seen:
-                # A missing share otherwise looks like a missing key (STATUS_NOT_FOUND from DFS).
-                try:
-                    smbclient.stat(f"\\\\{self.host}\\{self.share}", **self._kw)
-                except SMBOSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-                    raise StoreUnavailable(f"{self.url}: no share {self.share!r} on {self.host}") from exc
-                self._share_seen = True
-
-    @contextlib.contextmanager
-    def _errors(self, key: str, *, writing: bool) -> Iterator[None]:
-        """Translate smbprotocol's exceptions; ``writing`` marks steps whose effect may be visible."""
-        where = self.describe(key)
-        try:
-            yield
-        except FedfsError:
-            raise
-        except (SMBOSError, SMBResponseException) as exc:
-            status = _status_of(exc)
-            if status == NtStatus.STATUS_OBJECT_NAME_COLLISION or getattr(exc, "errno", None) == errno.EEXIST:
-                raise Conflict(f"{where}: already exists") from exc
-            if getattr(exc, "errno", None) == errno.ENOENT or status in {
-                NtStatus.STATUS_OBJECT_NAME_NOT_FOUND,
-                NtStatus.STATUS_OBJECT_PATH_NOT_FOUND,
-                NtStatus.STATUS_NOT_FOUND,
-            }:
-                raise NotFound(f"{where}: not found") from exc
-            if status in _UNREACHABLE:
-                raise StoreUnavailable(f"{where}: {_status_name(status)} (check share name and credentials)") from exc
-            if status == NtStatus.STATUS_ACCESS_DENIED:
-                raise StoreError(f"{where}: permission denied") from exc
-            raise StoreError(f"{where}: {_status_name(status)}: {exc}") from exc
-        except SMBAuthenticationError as exc:
-            raise StoreUnavailable(f"{where}: SMB login failed ({exc})") from exc
-        except Exception as exc:
-            if _is_connection_failure(exc):
-                cls = StateUnknown if writing else StoreUnavailable
-                raise cls(f"{where}: {type(exc).__name__}: {exc}") from exc
-            raise
+        with translate_errors(self, key):
+            self._session.connect()
 
     def _ensure_parent(self, path: str) -> None:
         smbclient.makedirs(ntpath.dirname(path), exist_ok=True, **self._kw)
@@ -285,7 +198,7 @@ class SMBStore(Store):
     def _commit(self, key: str, tmp: str, *, replace: bool) -> bool:
         """Make ``tmp`` visible as ``key``, exclusively or replacing; True if ``tmp`` is gone."""
         final = self._path(key)
-        with self._errors(key, writing=True):
+        with translate_errors(self, key, writing=True):
             if replace:
                 self._replace(tmp, final)
                 return True
@@ -314,7 +227,7 @@ class SMBStore(Store):
 
     def _put(self, key: str, chunks: Iterator[bytes], *, replace: bool) -> None:
         self._connect(key)
-        with self._errors(key, writing=False):  # nothing is visible before the commit
+        with translate_errors(self, key, writing=False):  # nothing is visible before the commit
             tmp = self._write_temp(self._path(key), chunks)
         try:
             consumed = self._commit(key, tmp, replace=replace)
@@ -329,7 +242,7 @@ class SMBStore(Store):
         self._connect(key)
         limit = None if max_size is None else max_size + 1
         out = bytearray()
-        with self._errors(key, writing=False):
+        with translate_errors(self, key):
             with smbclient.open_file(self._path(key), mode="rb", buffering=0, share_access="rwd", **self._kw) as fd:
                 while limit is None or len(out) < limit:
                     want = CHUNK if limit is None else min(CHUNK, limit - len(out))
@@ -343,7 +256,7 @@ class SMBStore(Store):
 
     def _download(self, key: str, fh: BinaryIO) -> None:
         self._connect(key)
-        with self._errors(key, writing=False):
+        with translate_errors(self, key):
             with smbclient.open_file(self._path(key), mode="rb", buffering=0, share_access="rwd", **self._kw) as fd:
                 while block := fd.read(CHUNK):
                     fh.write(block)
@@ -360,7 +273,7 @@ class SMBStore(Store):
 
     def _stat(self, key: str) -> os.stat_result | None:
         self._connect(key)
-        with self._errors(key, writing=False):
+        with translate_errors(self, key):
             try:
                 st = smbclient.stat(self._path(key), **self._kw)
             except SMBOSError as exc:
@@ -375,12 +288,12 @@ class SMBStore(Store):
     def _size(self, key: str) -> int:
         st = self._stat(key)
         if st is None:
-            raise NotFound(f"{self.describe(key)}: not found")
+            raise NotFound(f"{self.describe(key)}: not found", key=key)
         return st.st_size
 
     def _delete(self, key: str) -> None:
         self._connect(key)
-        with self._errors(key, writing=True):
+        with translate_errors(self, key, writing=True):
             smbclient.remove(self._path(key), **self._kw)
 
     def _list(self, prefix: str) -> list[str]:
@@ -392,7 +305,7 @@ class SMBStore(Store):
         self._connect(prefix or "/")
         folder = prefix.rstrip("/")
         keys: list[str] = []
-        with self._errors(prefix or "/", writing=False):
+        with translate_errors(self, prefix or "/"):
             if folder and self._stat(folder) is not None:
                 return [folder]
             self._walk(folder, keys)
@@ -414,14 +327,4 @@ class SMBStore(Store):
                 out.append(key)
 
     def close(self) -> None:
-        with self._lock:
-            smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
-
-
-def _status_name(status: int | None) -> str:
-    if status is None:
-        return "SMB error"
-    for name, value in vars(NtStatus).items():
-        if name.startswith("STATUS_") and value == status:
-            return name
-    return f"NTSTATUS 0x{status:08x}"
+        self._session.close()
