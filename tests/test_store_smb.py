@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from store_conformance import StoreConformance
+from fedfs.testing.store import StoreTests
 
 
-class TestSMB(StoreConformance):
+class TestSMB(StoreTests):
     @pytest.fixture
     def url(self, smb_url):
         return smb_url

@@ -1,12 +1,17 @@
 """Bucket backends. :func:`open_store` turns a URL into a :class:`Store`.
 
-==========================  ============================================
-URL                         backend
-==========================  ============================================
-``/path``, ``file:///path`` :class:`~fedfs.store.local.LocalStore` (also mounted NFS/CIFS shares)
-``s3://bucket/prefix``      :class:`~fedfs.store.s3.S3Store` (s3fs)
+=========================================  ============================================
+URL                                        backend
+=========================================  ============================================
+``/path``, ``file:///path``                :class:`~fedfs.store.local.LocalStore` (also mounted NFS/CIFS shares)
+``s3://bucket/prefix``                     :class:`~fedfs.store.s3.S3Store` (s3fs)
 ``smb://[user@]host[:port]/share/prefix``  :class:`~fedfs.store.smb.SMBStore` (smbprotocol)
-==========================  ============================================
+``memory://NAME``                          :class:`~fedfs.store.memory.MemoryStore`: the process-wide
+                                           space NAME (tests, simulations; nothing leaves the process)
+=========================================  ============================================
+
+Each backend's module declares the table that translates its library's exceptions into
+:mod:`fedfs.errors` (``Store.error_table``, see :mod:`fedfs.store.base`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from urllib.parse import urlparse
 
 from ..errors import ConfigError
 from .base import Store, sha256_file, translate_errors
+from .memory import MemoryStore
 
-__all__ = ["Store", "open_store", "sha256_file", "translate_errors"]
+__all__ = ["MemoryStore", "Store", "open_store", "sha256_file", "translate_errors"]
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
@@ -44,4 +50,8 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store
         from .smb import SMBStore
 
         return SMBStore(url, **opts)
+    if scheme == "memory":
+        if opts:
+            raise ConfigError(f"{url}: a memory bucket takes no storage options (got {', '.join(sorted(opts))})")
+        return MemoryStore.named((parsed.netloc + parsed.path).strip("/") or "memory")
     raise ConfigError(f"{url}: unsupported bucket URL scheme {scheme!r} (use a path, file://, s3:// or smb://)")

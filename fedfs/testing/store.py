@@ -1,7 +1,17 @@
-"""One conformance suite for every bucket backend (subclass and provide ``url``/``options``).
+"""One conformance suite for every bucket backend, shipped in the package as zarr ships
+``zarr.testing.store``: a backend's test is a short subclass that supplies the ``url`` (and,
+where needed, ``options``) fixtures::
 
-Modelled on zarr's ``StoreTests`` and fsspec's abstract tests: every backend
-must behave the same for the protocol to be trustworthy.
+    from fedfs.testing.store import StoreTests
+
+    class TestMyBackend(StoreTests):
+        @pytest.fixture
+        def url(self, tmp_path):
+            return str(tmp_path / "bucket")
+
+Every backend must behave the same for the protocol to be trustworthy: primitives, key
+checks, exclusive publish under races, and the signed protocol on top. The suite needs
+pytest, so :mod:`fedfs.testing` does not import this module.
 """
 
 from __future__ import annotations
@@ -10,43 +20,84 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fedfs import layout
-from fedfs.trust.bucket import Bucket
-from fedfs.errors import ConfigError, Conflict, IntegrityError, InvalidName, NotFound, SignatureError, TooLarge
-from fedfs.federation import Federation, config_from_key_dir
-from fedfs.protocol.schema import SiteCensus
+from ..errors import ConfigError, Conflict, IntegrityError, InvalidName, NotFound, SignatureError, TooLarge
+from ..federation import Federation, config_from_key_dir
+from ..protocol import layout
+from ..protocol.schema import SiteCensus
+from ..store import Store, open_store
+from ..trust.bucket import Bucket
 
-from fedfs.store import open_store
+__all__ = ["StoreTests"]
 
 
-def _race_publish(url, options, key, i, barrier, results):
-    store = open_store(url, options)
+def _publish_racing(store: Store, key: str, writer: str, barrier: Any, results: Any) -> None:
+    """One racer: wait for the others, publish ``key`` as ``writer``, report the outcome."""
     barrier.wait()
     try:
-        store.publish(key, f'{{"writer":"p{i}"}}'.encode())
-        results.put(("win", f"p{i}"))
+        store.publish(key, f'{{"writer":"{writer}"}}'.encode())
+        results.put(("win", writer))
     except Conflict:
-        results.put(("conflict", f"p{i}"))
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        results.put(("error", f"{type(exc).__name__}: {exc}"))
+        results.put(("conflict", writer))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(("error", f"{writer}: {type(exc).__name__}: {exc}"))
 
 
-class StoreConformance:
-    """Generic tests; subclasses define the ``url`` and ``options`` fixtures."""
+def _race_publish(url: str, options: dict[str, Any], key: str, writer: str, barrier: Any, results: Any) -> None:
+    """A racer with a store of its own (in a process of its own where the backend allows)."""
+    store = open_store(url, options)
+    try:
+        _publish_racing(store, key, writer, barrier, results)
+    finally:
+        store.close()
+
+
+def _race(racers: list[Any], results: Any, store: Store, key: str) -> None:
+    """Run ``racers``; exactly one must win, every other must see Conflict, the winner's bytes must stay."""
+    [r.start() for r in racers]
+    outcomes = [results.get(timeout=120) for _ in racers]
+    [r.join(timeout=60) for r in racers]
+    assert [o for o in outcomes if o[0] == "error"] == [], outcomes
+    wins = [writer for kind, writer in outcomes if kind == "win"]
+    assert len(wins) == 1 and sum(kind == "conflict" for kind, _ in outcomes) == len(racers) - 1, outcomes
+    assert store.read_bytes(key) == f'{{"writer":"{wins[0]}"}}'.encode()
+
+
+class StoreTests:
+    """Generic tests; subclasses define the ``url`` fixture and, if needed, ``options``."""
+
+    #: False for a backend whose URL means nothing in another process (``memory://``):
+    #: the separate-stores race then runs its racers as threads instead of processes.
+    shared_between_processes = True
 
     @pytest.fixture
-    def options(self):
+    def options(self) -> dict[str, Any]:
         return {}
 
     @pytest.fixture
-    def store(self, url, options):
+    def store(self, url: str, options: dict[str, Any]) -> Iterator[Store]:
         s = open_store(url, options)
         yield s
         s.close()
+
+    @pytest.fixture
+    def keys(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """Keys for an aggregator and sites A, B, C (generated once per session)."""
+        from ..trust.signing import generate_keypair
+
+        d = tmp_path_factory.getbasetemp() / "fedfs-store-tests-keys"
+        if not (d / "agg.key").exists():
+            generate_keypair("agg", "aggregator", d)
+            for site in ("A", "B", "C"):
+                generate_keypair(site, "site", d)
+        return d
 
     # ---- primitives ------------------------------------------------------------
     def test_write_read_round_trip(self, store):
@@ -64,8 +115,11 @@ class StoreConformance:
         assert not store.exists("nope/x.json")
         with pytest.raises(NotFound) as exc:
             store.read_bytes("nope/x.json")
-        assert "nope/x.json" in str(exc.value)
+        assert "nope/x.json" in str(exc.value) and exc.value.key == "nope/x.json"
         assert isinstance(exc.value, FileNotFoundError)
+        with pytest.raises(NotFound) as exc:
+            store.size("nope/x.json")
+        assert exc.value.key == "nope/x.json"
 
     def test_list_by_prefix_is_recursive_and_sorted(self, store):
         for k in ("p/one.json", "p/sub/two.json", "q/three.json"):
@@ -80,13 +134,13 @@ class StoreConformance:
         assert store.read_bytes("big.bin", max_size=1000) == b"x" * 1000
         with pytest.raises(TooLarge) as exc:
             store.read_bytes("big.bin", max_size=999)
-        assert "big.bin" in str(exc.value)
+        assert "big.bin" in str(exc.value) and exc.value.key == "big.bin"
 
     def test_exclusive_publish(self, store):
         store.publish("m/manifest.json", b"first")
         with pytest.raises(Conflict) as exc:
             store.publish("m/manifest.json", b"second")
-        assert isinstance(exc.value, FileExistsError)
+        assert isinstance(exc.value, FileExistsError) and exc.value.key == "m/manifest.json"
         assert store.read_bytes("m/manifest.json") == b"first"
         assert store.list("m/") == ["m/manifest.json"]  # no temporary file left behind
 
@@ -110,41 +164,23 @@ class StoreConformance:
 
     # ---- races -----------------------------------------------------------------
     def test_race_threads(self, store):
-        key = "race/threads.json"
-        n = 8
-        barrier = threading.Barrier(n)
-        wins, conflicts, errors = [], [], []
+        """Threads racing to publish one key through one store."""
+        key, n = "race/threads.json", 8
+        barrier, results = threading.Barrier(n), queue.Queue()
+        racers = [threading.Thread(target=_publish_racing, args=(store, key, f"t{i}", barrier, results))
+                  for i in range(n)]
+        _race(racers, results, store, key)
 
-        def go(i):
-            barrier.wait()
-            try:
-                store.publish(key, f'{{"writer":"t{i}"}}'.encode())
-                wins.append(i)
-            except Conflict:
-                conflicts.append(i)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert errors == []
-        assert len(wins) == 1 and len(conflicts) == n - 1
-        assert store.read_bytes(key) == f'{{"writer":"t{wins[0]}"}}'.encode()
-
-    def test_race_processes(self, url, options):
-        key = "race/processes.json"
-        n = 8
-        ctx = mp.get_context("spawn")
-        barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_race_publish, args=(url, options, key, i, barrier, results)) for i in range(n)]
-        [p.start() for p in procs]
-        outcomes = [results.get(timeout=120) for _ in range(n)]
-        [p.join(timeout=60) for p in procs]
-        wins = [w for kind, w in outcomes if kind == "win"]
-        assert [o for o in outcomes if o[0] == "error"] == []
-        assert len(wins) == 1 and sum(kind == "conflict" for kind, _ in outcomes) == n - 1
-        assert open_store(url, options).read_bytes(key) == f'{{"writer":"{wins[0]}"}}'.encode()
+    def test_race_separate_stores(self, url, options):
+        """Racers that each open their own store: processes, or threads where the URL is per-process."""
+        key, n = "race/separate.json", 8
+        if self.shared_between_processes:
+            ctx = mp.get_context("spawn")
+            barrier, results, racer = ctx.Barrier(n), ctx.Queue(), ctx.Process
+        else:
+            barrier, results, racer = threading.Barrier(n), queue.Queue(), threading.Thread
+        racers = [racer(target=_race_publish, args=(url, options, key, f"p{i}", barrier, results)) for i in range(n)]
+        _race(racers, results, open_store(url, options), key)
 
     # ---- the signed protocol on this backend -------------------------------------
     def test_signed_documents_round_trip(self, store, keys):
@@ -183,7 +219,7 @@ class StoreConformance:
             b.get_blob_file(ref, str(tmp_path / "y.safetensors"))
 
     def test_doctor_reports_usable(self, store):
-        from fedfs.ops.doctor import run_doctor
+        from ..ops.doctor import run_doctor
 
         report = run_doctor(store)
         assert report.ok, report.render()
