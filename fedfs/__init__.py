@@ -49,7 +49,12 @@ _LAZY = {
     "SiteClient": "fedfs.roles.client",
     "StepResult": "fedfs.roles.steps",
     "Action": "fedfs.roles.steps",
+    "run_loop": "fedfs.roles.loop",
+    "make_trigger": "fedfs.store.watch",
+    "NnunetOptions": "fedfs.nnunet.work",
+    "NnunetWork": "fedfs.nnunet.work",
     "ToyWork": "fedfs.testing.toy",
+    "make_federation": "fedfs.testing.synthetic",
     "aggregate": "fedfs.weights.combine",
     "aggregate_asym": "fedfs.weights.combine",
     "extract_site": "fedfs.weights.combine",
@@ -61,6 +66,10 @@ _LAZY = {
     "collect_status": "fedfs.ops.status",
     "build_report": "fedfs.ops.report",
     "run_doctor": "fedfs.ops.doctor",
+    "SimulationSpec": "fedfs.ops.simulate",
+    "simulate": "fedfs.ops.simulate",
+    "nnunet_environment": "fedfs.ops.simulate",
+    "export_site_model": "fedfs.ops.export",
 }
 _LAZY_MODULES = {"layout": "fedfs.protocol.layout"}
 

@@ -24,7 +24,8 @@ Each class declares the CLI's exit code for it (``exit_code``) and what the code
 (``exit_meaning``); :func:`exit_code_for` and the reference in docs/cli.md read them from
 here. An error about one bucket file carries its key (``exc.key``), so callers that record
 or quarantine it never parse the message. Backend-specific exceptions are translated into
-this tree in one place per backend (:func:`fedfs.store.base.translate_errors`).
+this tree by one table per backend (each backend's ``error_table``, applied by
+:func:`fedfs.store.base.translate_errors`).
 """
 
 from __future__ import annotations
