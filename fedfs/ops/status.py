@@ -14,18 +14,18 @@ prints the dict for machines.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import layout
 from ..protocol.timestamps import format_stamp
-from ..protocol.timestamps import parse_stamp_or_none as parse_time
-from ..errors import FedfsError, NotFound
+from ..protocol.timestamps import parse_stamp_or_none
+from .reader import VerifiedReader
 
 if TYPE_CHECKING:
     from ..federation import Federation
+    from ..protocol.schema import FederationConfig
 
-__all__ = ["collect_status", "render_status", "short_reason", "METRIC_NAMES"]
+__all__ = ["collect_status", "render_status", "short_reason", "pick_metrics", "federation_summary", "METRIC_NAMES"]
 
 #: The metrics ``fedfs status`` shows, and the names sites may report them under.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
@@ -45,6 +45,12 @@ def short_reason(key: str, reason: str) -> str:
     return reason[i + len(marker):] if 0 <= i <= 1024 else reason
 
 
+def federation_summary(c: FederationConfig) -> dict[str, Any]:
+    """The settings a status table or report heads with (mode, rounds, parties), JSON-ready."""
+    return {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration, "rounds": c.rounds,
+            "local_epochs": c.local_epochs, "aggregator": c.aggregator.name, "sites": c.site_names}
+
+
 def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
     """The named metrics (train_loss, pseudo_dice, epoch_time) from a manifest's or heartbeat's metrics."""
     metrics = metrics or {}
@@ -54,38 +60,14 @@ def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
     return out
 
 
-class _Reader:
-    """Verified reads that record problems instead of raising."""
-
-    def __init__(self, fed: Federation) -> None:
-        self.fed = fed
-        self.problems: list[dict[str, str]] = []
-
-    def read(self, key: str, cls: type) -> Any:
-        try:
-            return self.fed.bucket.read(key, cls)
-        except NotFound:
-            return None
-        except FedfsError as exc:
-            self.problems.append({"key": key, "error": str(exc)})
-            return None
-
-    def exists(self, key: str) -> bool:
-        try:
-            return self.fed.store.exists(key)
-        except FedfsError as exc:
-            self.problems.append({"key": key, "error": str(exc)})
-            return False
-
-
-def _latest_version(r: _Reader) -> int | None:
+def _latest_version(r: VerifiedReader) -> int | None:
     from ..protocol.schema import LatestHint
 
     hint = r.read(layout.LATEST, LatestHint)
     return layout.newest_version(hint.doc.version if hint is not None else None, r.exists)
 
 
-def _latest_update(r: _Reader, site: str, cursor: int) -> Any:
+def _latest_update(r: VerifiedReader, site: str, cursor: int) -> Any:
     """The site's newest verifiable update near ``cursor``: ahead of it if any, else just before."""
     from ..protocol.schema import UpdateManifest
 
@@ -106,11 +88,11 @@ def _latest_update(r: _Reader, site: str, cursor: int) -> Any:
 
 def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     """The federation's state as a JSON-ready dict, from a bounded number of bucket reads."""
-    from ..protocol.schema import GlobalManifest, Heartbeat, PlansDocument, StatusDocument
+    from ..protocol.schema import GlobalManifest, Heartbeat, PlansDocument
 
     now = time.time() if now is None else now
     c = fed.config
-    r = _Reader(fed)
+    r = VerifiedReader(fed)
 
     version = _latest_version(r)
     current = r.read(layout.global_version(version), GlobalManifest) if version is not None else None
@@ -119,7 +101,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     next_rounds: dict[str, int] = {}
     if current is not None:
         doc = current.doc
-        t = parse_time(current.signed_at)
+        t = parse_stamp_or_none(current.signed_at)
         glob.update(
             final=bool(doc.final or doc.version >= c.rounds),
             published_at=current.signed_at,
@@ -131,34 +113,28 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         )
         next_rounds = dict(doc.next_rounds)
 
-    rejected_by_agg: list[dict[str, str]] = []
-    agg_status = r.read(layout.AGG_STATUS, StatusDocument)
-    if agg_status is not None:
-        rejected_by_agg = [{"key": x.key, "reason": x.reason, "at": x.at, "by": agg_status.signer}
-                           for x in agg_status.doc.rejected]
+    rejected_by_agg = r.rejections(layout.AGG_STATUS)
 
     sites: dict[str, Any] = {}
     digests: dict[str, str] = {}
     for site in c.site_names:
         hb = r.read(layout.site_heartbeat(site), Heartbeat)
         plans = r.read(layout.site_plans(site), PlansDocument)
-        own_status = r.read(layout.site_status(site), StatusDocument)
+        own_rejected = r.rejections(layout.site_status(site), site)
         update = _latest_update(r, site, next_rounds.get(site, 0))
         if hb is not None:
             phase = hb.doc.phase
-        elif any(p["key"] == layout.site_heartbeat(site) for p in r.problems):
+        elif r.failed(layout.site_heartbeat(site)):
             phase = "unknown (heartbeat does not verify)"
         else:
             phase = _inferred_phase(r, site, plans)
-        hb_t = parse_time(hb.signed_at) if hb is not None else None
+        hb_t = parse_stamp_or_none(hb.signed_at) if hb is not None else None
         trained_from = update.doc.base_version if update is not None else None
         if trained_from is None and hb is not None and hb.doc.base_version >= 0:
             trained_from = hb.doc.base_version
         metrics_src = update.doc.metrics if update is not None else (hb.doc.metrics if hb is not None else {})
         prefix = layout.site_prefix(site)
-        rejected = [x for x in rejected_by_agg if x["key"].startswith(prefix)]
-        if own_status is not None:
-            rejected += [{"key": x.key, "reason": x.reason, "at": x.at, "by": site} for x in own_status.doc.rejected]
+        rejected = [x for x in rejected_by_agg if x["key"].startswith(prefix)] + own_rejected
         if plans is not None:
             digests[site] = plans.doc.digest
         sites[site] = {
@@ -187,9 +163,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "federation_id": c.federation_id,
         "federation_digest": fed.digest,
         "now": format_stamp(now),
-        "federation": {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration,
-                       "rounds": c.rounds, "local_epochs": c.local_epochs, "aggregator": c.aggregator.name,
-                       "sites": c.site_names},
+        "federation": federation_summary(c),
         "setup": setup,
         "global": glob,
         "sites": sites,
@@ -198,7 +172,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def _inferred_phase(r: _Reader, site: str, plans: Any) -> str:
+def _inferred_phase(r: VerifiedReader, site: str, plans: Any) -> str:
     """Without a heartbeat: how far the site got, from its write-once files."""
     if plans is not None:
         return "planned (no heartbeat)"
