@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+__all__ = ["run_demo", "DEMO_ROUNDS", "DEMO_LOCAL_EPOCHS"]
+
 DEMO_ROUNDS = 3
 DEMO_LOCAL_EPOCHS = 4
 
@@ -26,6 +28,8 @@ DEMO_LOCAL_EPOCHS = 4
 def run_demo(workdir: str | None = None, echo: Callable[[str], None] | None = print, *,
              rounds: int = DEMO_ROUNDS, local_epochs: int = DEMO_LOCAL_EPOCHS, mode: str = "ffe",
              aggregation: str = "sync") -> dict[str, Any]:
+    """Run the demo in ``workdir`` (a new temporary folder by default), saying each step through ``echo``;
+    return a summary: the bucket, the final version, each site's held-out Dice and exported model folder."""
     from ..federation import Federation
     from .export import export_site_model
     from ..nnunet.inference import dice_per_case, predict_from_results

@@ -24,6 +24,8 @@ from ..protocol import layout
 from ..errors import Conflict, FedfsError
 from ..store import Store
 
+__all__ = ["Check", "DoctorReport", "run_doctor"]
+
 
 @dataclass
 class Check:

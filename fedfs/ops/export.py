@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..protocol import layout
 from ..errors import ConfigError, NotFound
 from ..federation import Federation
+from ..protocol import layout
 from ..protocol.schema import GlobalManifest
 
+if TYPE_CHECKING:
+    from ..trust.bucket import Signed
 
-def final_manifest(fed: Federation, *, require_final: bool = True):
+__all__ = ["final_manifest", "export_site_model"]
+
+
+def final_manifest(fed: Federation, *, require_final: bool = True) -> Signed[GlobalManifest]:
+    """The newest global manifest; ConfigError unless it is final (``require_final``), NotFound before v0."""
     v = fed.bucket.latest_version()
     if v is None:
         raise NotFound("no global model yet")
