@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedfs import layout
+from fedfs.errors import Blocked
+from fedfs.federation import Federation, config_from_key_dir
+from fedfs.fl.plans import plans_digest
+from fedfs.protocol.schema import PlansDocument, SiteCensus
 
 FEDFS = str(Path(sys.executable).with_name("fedfs"))
 
@@ -93,3 +98,44 @@ def test_options_from_config_file_and_environment(tmp_path):
     cfg.write_text(cfg.read_text() + 'password = "x"\n')
     leak = run("aggregator", "step", "--config", str(cfg), check=False)
     assert leak.returncode == 2 and "secrets do not belong" in leak.stderr
+
+
+def test_a_blocked_aggregator_step_exits_10_with_the_reason(tmp_path, keys):
+    # Prepare: a fedavg federation whose two sites published different plans
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg")
+    url = str(tmp_path / "bucket")
+    fed, _ = Federation.create(url, config, agg)
+    for site, depth in (("A", 2), ("B", 3)):
+        party = fed.as_party(keys / f"{site}.key")
+        plans = {"plans_name": "ToyPlans", "depth": depth}
+        party.bucket.publish(layout.site_plans(site), PlansDocument(
+            site=site, plans_identifier="ToyPlans", configuration="2d", digest=plans_digest(plans),
+            summary={"plans": plans}), party.identity)
+    # Execute
+    proc = run("aggregator", "step", url, "--key", str(keys / "agg.key"), "--workdir", str(tmp_path / "w"), "-q",
+               check=False)
+    # Assert: the step returned, with the documented code and the reason on stderr, in one line
+    assert proc.returncode == Blocked.exit_code == 10
+    assert proc.stdout.startswith("blocked: FEDAVG sites hold different plans")
+    error = proc.stderr.strip().splitlines()[-1]  # after the warnings the role logs
+    assert error.startswith("fedfs: error: FEDAVG sites hold different plans") and "B differs from A in depth" in error
+
+
+def test_a_blocked_site_step_exits_10_with_the_reason(tmp_path, keys):
+    """A site step that can go no further (here: garbage where the aggregator's census belongs) returns
+    at once with code 10 instead of stepping again and again under cron's lock."""
+    # Prepare: site A has published its census; the federation census is not a valid document
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="ffe")
+    url = str(tmp_path / "bucket")
+    fed, _ = Federation.create(url, config, agg)
+    a = fed.as_party(keys / "A.key")
+    a.bucket.publish(layout.site_census("A"), SiteCensus(site="A", num_cases=4, num_channels=1), a.identity)
+    fed.store.write_bytes(layout.CENSUS, b"\x00 not json")
+    # Execute: no nnU-Net runs (the dataset is never read before the census)
+    proc = run("site", "step", url, "--key", str(keys / "A.key"), "--workdir", str(tmp_path / "w"), "-d", "999",
+               "-q", check=False)
+    # Assert
+    assert proc.returncode == 10, proc.stderr
+    assert proc.stdout.count("blocked: ") == 1 and layout.CENSUS in proc.stdout
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("fedfs: error: ") and layout.CENSUS in error and "malformed" in error

@@ -67,8 +67,8 @@ def test_sync_ffe_federation_and_fedavg_math(tmp_path, keys):
     assert [c.site for c in v1.contributions] == ["A", "B", "C"]
     assert [c.weight for c in v1.contributions] == [6.0, 3.0, 1.0]
     # the global is the case-weighted mean of the three updates, tensor by tensor
-    ups = [load_weights(aggregator._fetch(b.read(layout.site_update(s, 0), UpdateManifest).doc.blob))[0] for s in "ABC"]
-    g1 = load_weights(aggregator._fetch(v1.blob))[0]
+    ups = [load_weights(aggregator.inputs.fetch(b.read(layout.site_update(s, 0), UpdateManifest).doc.blob))[0] for s in "ABC"]
+    g1 = load_weights(aggregator.inputs.fetch(v1.blob))[0]
     for k in g1:
         expected = (6 * ups[0][k] + 3 * ups[1][k] + 1 * ups[2][k]) / 10
         torch.testing.assert_close(g1[k], expected, rtol=1e-6, atol=1e-7)
@@ -147,8 +147,8 @@ def test_asym_federation_shares_matching_layers(tmp_path, keys):
     assert share["B"]["shared_tensors"] < share["B"]["tensors"]  # B is deeper: its extra layer stays its own
     # each site got back weights with its own keys and shapes
     for s in "ABC":
-        w = load_weights(aggregator._fetch(v1.site_blobs[s]))[0]
-        assert {k: tuple(t.shape) for k, t in w.items()} == aggregator._site_shapes(s)
+        w = load_weights(aggregator.inputs.fetch(v1.site_blobs[s]))[0]
+        assert {k: tuple(t.shape) for k, t in w.items()} == aggregator.inputs.site_shapes(s)
 
 
 def test_site_crash_after_training_republishes_once(tmp_path, keys):
@@ -206,7 +206,7 @@ def test_an_aggregator_behind_another_does_not_reject_updates_from_the_newer_glo
     lagging = standby._round_step(1)
     # Assert: it waits and catches up instead of rejecting; v3 holds every site
     assert lagging.action == "wait" and "catching up" in lagging.detail
-    assert layout.site_update("B", 2) not in standby._rejected
+    assert layout.site_update("B", 2) not in standby.quarantine
     drive(standby, sites)
     v3 = fed.bucket.read(layout.global_version(3), GlobalManifest).doc
     assert [c.site for c in v3.contributions] == ["A", "B", "C"]
@@ -231,7 +231,7 @@ def test_update_norm_plausibility_check(tmp_path, keys):
         s.step()
     result = aggregator.step()
     assert result.action == "aggregated" and result.extra["sites"] == ["A", "B"]  # C answered, rejected
-    reason = aggregator._rejected[layout.site_update("C", 0)]
+    reason = aggregator.quarantine.reason(layout.site_update("C", 0))
     assert "implausible update" in reason and "limit 1" in reason
     drive(aggregator, sites)  # the federation goes on without the rejected update
     v1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
@@ -259,7 +259,59 @@ def test_a_traversal_blob_key_is_refused_even_when_its_sha256_is_cached(tmp_path
     fed, aggregator, sites = make_fed(tmp_path, keys, rounds=1)
     setup(fed, aggregator, sites)
     real = fed.bucket.read(layout.global_version(0), GlobalManifest).doc.blob_for("A")
-    aggregator._fetch(real)  # the payload is now in the aggregator's cache under its sha256
+    aggregator.inputs.fetch(real)  # the payload is now in the aggregator's cache under its sha256
     sneaky = BlobRef(key=f"sites/A/blobs/../../{real.key}", sha256=real.sha256, size=real.size)
     with pytest.raises(ValidationError, match="unsafe segment"):
-        aggregator._fetch(sneaky)
+        aggregator.inputs.fetch(sneaky)
+
+
+class TypoWork(ToyWork):
+    """A site whose plans lack the federation's configuration (a typo such as "2d_typo"), planned as
+    NnunetWork plans: nnU-Net's plans, then the summary of the configuration the federation trains."""
+
+    plans_made = 0
+
+    def plan(self, global_fingerprint):
+        from fedfs.fl.plans import plans_summary
+
+        self.plans_made += 1
+        plans = {"plans_name": "ToyPlans", "configurations": {"2d": {"patch_size": [64, 64]}}}
+        plans_summary(plans, "2d_typo")  # raises: plans have no configuration '2d_typo'
+
+
+def test_a_blocked_site_ends_a_cron_step_after_one_attempt(tmp_path, keys):
+    """The trial's bug: a site that cannot plan re-planned in a loop under cron's lock. The cron step
+    (the one loop, no trigger) now returns at the first blocked result; the reason is on record."""
+    from fedfs.protocol.schema import StatusDocument
+    from fedfs.roles.loop import run_loop
+
+    # Prepare: a fedavg federation (sites plan at once) whose site A cannot plan
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo")
+    fed, _ = Federation.create(str(tmp_path / "bucket"), config, agg)
+    site = Site(fed.as_party(keys / "A.key"), TypoWork("A"), tmp_path / "site-A")
+    # Execute
+    result = run_loop(site.step)
+    # Assert
+    assert result.action.blocked and "no configuration '2d_typo'" in result.detail
+    assert site.work.plans_made == 1 and not site.state.planned
+    st = fed.bucket.read(layout.site_status("A"), StatusDocument).doc
+    assert [r.key for r in st.rejected] == ["-"] and "2d_typo" in st.rejected[0].reason
+
+
+def test_one_quarantine_caps_its_record_and_reads_it_back(tmp_path, keys):
+    from fedfs.protocol.schema import StatusDocument
+    from fedfs.roles.quarantine import MAX_RECORDS, Quarantine
+
+    # Prepare
+    fed, aggregator, _ = make_fed(tmp_path, keys)
+    q = aggregator.quarantine
+    # Execute: more rejections than a status document keeps, one of them recorded twice
+    for i in range(MAX_RECORDS + 5):
+        q.reject(f"sites/A/updates/r{i:06d}.json", f"reason {i}")
+    assert q.reject("sites/A/updates/r000000.json", "reason 0") is False  # the same record: nothing new
+    q.flush()
+    # Assert: the newest MAX_RECORDS are on record, and a restarted party reads them back
+    st = fed.bucket.read(layout.AGG_STATUS, StatusDocument).doc
+    assert len(st.rejected) == MAX_RECORDS and st.rejected[-1].reason == f"reason {MAX_RECORDS + 4}"
+    again = Quarantine(fed.bucket, layout.AGG_STATUS, aggregator.identity)
+    assert f"sites/A/updates/r{MAX_RECORDS + 4:06d}.json" in again and "sites/A/updates/r000000.json" not in again

@@ -1,4 +1,5 @@
-"""When a role steps again: inotify events on a local folder, and polling when the watcher dies."""
+"""When a role steps again: the one loop (daemon and cron step), inotify events on a local
+folder, and polling when the watcher dies."""
 
 from __future__ import annotations
 
@@ -8,8 +9,91 @@ import time
 
 import pytest
 
+from fedfs.errors import StoreUnavailable
+from fedfs.roles.loop import run_loop
+from fedfs.roles.steps import Action, StepResult
 from fedfs.store import open_store
 from fedfs.store.watch import InotifyTrigger, Trigger, make_trigger
+
+
+class Script:
+    """A role whose steps return (or raise) the given outcomes in turn, recording how often it was stepped."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def step(self):
+        self.calls += 1
+        out = self.outcomes.pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return None if out is None else StepResult(out, f"step {self.calls}")
+
+
+class CountingTrigger:
+    """A trigger that never sleeps and counts the waits."""
+
+    kind = "test"
+
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        return False
+
+
+def test_action_kinds():
+    assert [a.value for a in Action if a.terminal] == ["finished", "done"]
+    assert [a for a in Action if a.idle] == [Action.WAIT] and [a for a in Action if a.blocked] == [Action.BLOCKED]
+    assert {a.value for a in Action if a.settled} == {"wait", "blocked", "finished", "done"}
+    # the action is a str: old comparisons and the printed form are unchanged
+    r = StepResult("wait", "waiting for site census")
+    assert r.action is Action.WAIT and r.action == "wait" and r.action in ("wait", "done")
+    assert str(r) == "wait: waiting for site census" and str(StepResult(Action.V0)) == "v0"
+    with pytest.raises(ValueError):
+        StepResult("dance")
+
+
+@pytest.mark.parametrize("last", ["wait", "blocked", "finished", "done"])
+def test_a_cron_step_does_everything_due_then_returns_at_the_first_settled_result(last):
+    # Prepare: progress twice, then a settled result, then more that must not run
+    role = Script("planned", "update", last, "update")
+    seen = []
+    # Execute: the loop without a trigger
+    result = run_loop(role.step, on_result=seen.append)
+    # Assert
+    assert result.action == last and role.calls == 3
+    assert [str(r.action) for r in seen] == ["planned", "update", last]
+
+
+def test_a_cron_step_stops_where_until_says_and_lets_storage_errors_through():
+    role = Script("census", "planned", "update")
+    assert run_loop(role.step, until=lambda r: r.action not in ("census", "fingerprint")).action == "planned"
+    assert run_loop(Script(None).step) is None  # a step with nothing to report counts as idle
+    with pytest.raises(StoreUnavailable):
+        run_loop(Script(StoreUnavailable("bucket down")).step)
+
+
+def test_a_daemon_waits_on_idle_and_blocked_and_retries_storage_trouble():
+    # Prepare
+    role = Script("wait", "blocked", StoreUnavailable("bucket down"), None, "aggregated", "finished", "wait")
+    trigger = CountingTrigger()
+    # Execute
+    result = run_loop(role.step, trigger)
+    # Assert: one wait after each idle, blocked, failed or empty step; returned at the terminal one
+    assert result.action == "finished" and role.calls == 6 and trigger.waits == 4
+
+
+def test_a_daemon_gives_up_after_max_idle_and_stops_when_told():
+    with pytest.raises(TimeoutError, match="nothing happened"):
+        run_loop(Script(*["wait"] * 5).step, CountingTrigger(), max_idle_s=-1)
+    stop = threading.Event()
+    role = Script("wait", "wait", "wait")
+    trigger = CountingTrigger()
+    trigger.wait = lambda timeout=None: stop.set()
+    assert run_loop(role.step, trigger, stop=stop).action == "wait" and role.calls == 1
 
 
 def test_auto_on_a_local_folder_wakes_on_a_new_file(tmp_path):

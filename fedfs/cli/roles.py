@@ -7,11 +7,12 @@ for the environment (``FEDFS_<OPTION>``) and ``--config`` TOML forms.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ..errors import ConfigError
+from ..errors import Blocked, ConfigError
 from .options import CONTEXT, common, default_workdir, nnunet_options, open_party, setup_logging, watch_options
 
 
@@ -27,6 +28,36 @@ def _log_changes(name: str):
             last["line"] = line
 
     return log
+
+
+def _cron_step(role: Any, until: Callable[[Any], bool] | None = None) -> None:
+    """Everything due now, each result echoed: the roles' one loop with no trigger, so it returns at
+    the first idle, blocked or terminal result (or at ``until``). Blocked raises :class:`Blocked`
+    (exit 10, the reason printed); a daemon would keep polling instead."""
+    from ..roles.loop import run_loop
+
+    result = run_loop(role.step, until=until, on_result=lambda r: click.echo(str(r)))
+    if result is not None and result.action.blocked:
+        raise Blocked(result.detail)
+
+
+def _daemon(role: Any, watch: str, poll_interval: float, who: str, logger: str) -> None:
+    """Step ``role`` until it is done, waking on new files (the same loop as a cron step, with a trigger)."""
+    from ..roles.loop import run_loop
+    from ..store.watch import make_trigger
+
+    store = role.fed.store
+    trigger = make_trigger(store, watch=watch, poll_interval=poll_interval)
+    logging.getLogger("fedfs").info("%s watching %s (%s)", who, store.url, trigger.kind)
+    try:
+        click.echo(str(run_loop(role.step, trigger, on_result=_log_changes(logger))))
+    finally:
+        trigger.close()
+
+
+def _set_up_only(result: Any) -> bool:
+    """Where `site fingerprint` and `site plan` stop: at anything but a census or fingerprint just published."""
+    return result.action not in ("census", "fingerprint")
 
 
 def make_site(url, key, workdir, federation_digest, storage_options, dataset, configuration, fold, trainer, plans, planner,
@@ -75,7 +106,7 @@ def site_fingerprint(**kw: Any) -> None:
     s = make_site(**kw)
     if s.config.mode != "ffe":
         raise ConfigError("fingerprints are merged in FFE mode only; in asym mode `fedfs site plan` plans locally")
-    _repeat(s, stop_at={"planned"}, phases={"census", "fingerprint"})
+    _cron_step(s, until=_set_up_only)
 
 
 @site.command("plan", context_settings=CONTEXT)
@@ -90,15 +121,7 @@ def site_plan(**kw: Any) -> None:
       fedfs site plan /mnt/share/fed --key keys/A.key -d 501 -pl ExperimentPlanner -np 4
     """
     setup_logging(kw["quiet"])
-    _repeat(make_site(**kw), stop_at={"planned"}, phases={"census", "fingerprint", "planned"})
-
-
-def _repeat(s, stop_at: set[str], phases: set[str]) -> None:
-    while True:
-        r = s.step()
-        click.echo(str(r))
-        if r.action in stop_at or r.action not in phases:
-            return
+    _cron_step(make_site(**kw), until=_set_up_only)
 
 
 @site.command("step", context_settings=CONTEXT)
@@ -117,11 +140,7 @@ def site_step(**kw: Any) -> None:
     setup_logging(kw["quiet"])
     s = make_site(**kw)
     try:
-        while True:  # everything that is due now: e.g. plan, then train the round v0 allows
-            r = s.step()
-            click.echo(str(r))
-            if r.action in ("wait", "done", "finished"):
-                break
+        _cron_step(s)  # everything that is due now: e.g. plan, then train the round v0 allows
     finally:
         s.work.close()
 
@@ -137,17 +156,11 @@ def site_run(watch: str, poll_interval: float, **kw: Any) -> None:
     Example (systemd ExecStart):
       fedfs site run --config /etc/fedfs/site.toml
     """
-    from ..store.watch import make_trigger, run_loop
-
     setup_logging(kw["quiet"])
     s = make_site(**kw)
-    trigger = make_trigger(s.fed.store, watch=watch, poll_interval=poll_interval)
-    logging.getLogger("fedfs").info("site %s watching %s (%s)", s.name, s.fed.store.url, trigger.kind)
     try:
-        result = run_loop(s.step, trigger, on_result=_log_changes("fedfs.roles.site"))
-        click.echo(str(result))
+        _daemon(s, watch, poll_interval, f"site {s.name}", "fedfs.roles.site")
     finally:
-        trigger.close()
         s.work.close()
 
 
@@ -178,12 +191,7 @@ def aggregator_step(**kw: Any) -> None:
       * * * * * flock -n /tmp/fedfs-agg.lock fedfs aggregator step --config /etc/fedfs/aggregator.toml
     """
     setup_logging(kw["quiet"])
-    a = make_aggregator(**kw)
-    while True:
-        r = a.step()
-        click.echo(str(r))
-        if r.action in ("wait", "finished", "blocked"):
-            break
+    _cron_step(make_aggregator(**kw))
 
 
 @aggregator.command("run", context_settings=CONTEXT)
@@ -196,14 +204,5 @@ def aggregator_run(watch: str, poll_interval: float, **kw: Any) -> None:
     Example:
       fedfs aggregator run /mnt/share/fed --key keys/coordinator.key --watch poll --poll-interval 10
     """
-    from ..store.watch import make_trigger, run_loop
-
     setup_logging(kw["quiet"])
-    a = make_aggregator(**kw)
-    trigger = make_trigger(a.fed.store, watch=watch, poll_interval=poll_interval)
-    logging.getLogger("fedfs").info("aggregator watching %s (%s)", a.fed.store.url, trigger.kind)
-    try:
-        result = run_loop(a.step, trigger, on_result=_log_changes("fedfs.roles.aggregator"))
-        click.echo(str(result))
-    finally:
-        trigger.close()
+    _daemon(make_aggregator(**kw), watch, poll_interval, "aggregator", "fedfs.roles.aggregator")

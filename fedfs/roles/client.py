@@ -33,8 +33,10 @@ from typing import Any
 from ..protocol import layout
 from ..fl.plans import plans_digest
 from ..errors import ConfigError
-from ..federation import Federation
 from ..protocol.schema import GlobalManifest, PlansDocument, UpdateManifest
+from .context import FederationContext
+
+__all__ = ["SiteClient"]
 
 
 def _architecture(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def _architecture(tensors: dict[str, Any]) -> dict[str, Any]:
 class SiteClient:
     """A site driven from Python: join, pull, push."""
 
-    def __init__(self, fed: Federation, workdir: str | os.PathLike[str]) -> None:
+    def __init__(self, fed: FederationContext, workdir: str | os.PathLike[str]) -> None:
         self.fed = fed
         self.identity = fed.require_identity("site")
         self.name = self.identity.name

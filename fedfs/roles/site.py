@@ -26,7 +26,6 @@ from typing import Any, Protocol
 from . import faults
 from ..protocol import layout
 from ..errors import ConfigError, NotFound, ValidationError
-from ..federation import Federation
 from ..protocol.rounds import decide_site
 from ..protocol.schema import (
     BlobRef,
@@ -36,12 +35,14 @@ from ..protocol.schema import (
     GlobalManifest,
     Heartbeat,
     PlansDocument,
-    Rejection,
     SiteCensus,
-    StatusDocument,
     UpdateManifest,
 )
-from ..protocol.timestamps import utcnow
+from .context import FederationContext
+from .quarantine import Quarantine
+from .steps import Action, StepResult
+
+__all__ = ["HEARTBEAT_EVERY_S", "LocalWork", "Site", "SiteState"]
 
 log = logging.getLogger("fedfs.roles.site")
 
@@ -114,19 +115,10 @@ class SiteState:
         os.replace(tmp, path)
 
 
-@dataclass
-class SiteStep:
-    action: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.action}: {self.detail}" if self.detail else self.action
-
-
 class Site:
     """One site of a federation; ``work`` does the local computing."""
 
-    def __init__(self, fed: Federation, work: LocalWork, workdir: str | os.PathLike[str]) -> None:
+    def __init__(self, fed: FederationContext, work: LocalWork, workdir: str | os.PathLike[str]) -> None:
         self.fed = fed
         self.identity = fed.require_identity("site")
         self.name = self.identity.name
@@ -139,8 +131,7 @@ class Site:
         self.state_path = self.dir / "state.json"
         self.state = SiteState.load(self.state_path)
         self._started = False
-        self._rejected: dict[str, str] = {}
-        self._rejected_at: dict[str, str] = {}
+        self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log)
 
     @property
     def total_epochs(self) -> int:
@@ -162,14 +153,14 @@ class Site:
         except Exception as exc:  # noqa: BLE001 - a heartbeat is a hint, never a reason to fail a step
             log.warning("heartbeat not written: %s", exc)
 
-    def run(self, **kw: Any) -> SiteStep:
-        """Step until this site has finished, waking on new files (see :func:`fedfs.store.watch.run_role`)."""
-        from ..store.watch import run_role
+    def run(self, **kw: Any) -> StepResult | None:
+        """Step until this site has finished, waking on new files (see :func:`fedfs.roles.loop.run_role`)."""
+        from .loop import run_role
 
         return run_role(self.step, self.fed.store, **kw)
 
     # ---- the step ---------------------------------------------------------------
-    def step(self) -> SiteStep:
+    def step(self) -> StepResult:
         """Do whatever is due now (at most one long action) and return what was done.
 
         A file from the bucket that fails verification (a forged or corrupt global, say) is
@@ -179,30 +170,14 @@ class Site:
         try:
             return self._step()
         except ValidationError as exc:
-            self._quarantine(str(exc))
+            self.quarantine.reject(exc.key or "-", str(exc))
+            self.quarantine.flush()
             self.heartbeat("blocked", str(exc)[:300])
-            return SiteStep("blocked", str(exc))
+            return StepResult(Action.BLOCKED, str(exc))
 
-    def _quarantine(self, reason: str) -> None:
-        prefix = self.fed.store.url.rstrip("/") + "/"
-        key = reason.split(": ", 1)[0][len(prefix):] if reason.startswith(prefix) else "-"
-        if self._rejected.get(key) == reason:
-            return
-        log.warning("rejected %s: %s", key, reason)
-        self._rejected[key] = reason
-        now = utcnow()
-        self._rejected_at.setdefault(key, now)
-        entries = sorted(self._rejected.items(), key=lambda kv: self._rejected_at.get(kv[0], ""))[-200:]
-        doc = StatusDocument(party=self.name, rejected=[Rejection(key=k, reason=r, at=self._rejected_at[k])
-                                                        for k, r in entries])
-        try:
-            self.bucket.write_mutable(layout.site_status(self.name), doc, self.identity)
-        except Exception as exc:  # noqa: BLE001 - the record is best effort; the refusal itself stands
-            log.warning("status not written: %s", exc)
-
-    def _step(self) -> SiteStep:
+    def _step(self) -> StepResult:
         if self.state.finished:
-            return SiteStep("done", f"finished with global v{self.state.final_version}")
+            return StepResult(Action.DONE, f"finished with global v{self.state.final_version}")
         if not self.state.planned:
             return self._setup_step()
         if self.state.pending is None and self.state.training is not None:
@@ -217,7 +192,7 @@ class Site:
         if d.action == "finish":
             return self._finish(version, manifest)
         self.heartbeat("waiting", d.reason, round=self.state.updates_sent, base_version=self.state.last_base or -1)
-        return SiteStep("wait", d.reason)
+        return StepResult(Action.WAIT, d.reason)
 
     def _latest(self):
         v = self.bucket.latest_version()
@@ -228,7 +203,7 @@ class Site:
         return v, self._manifest
 
     # ---- set-up --------------------------------------------------------------------
-    def _setup_step(self) -> SiteStep:
+    def _setup_step(self) -> StepResult:
         store = self.fed.store
         gfp = None
         if self.config.mode == "ffe":
@@ -237,23 +212,23 @@ class Site:
                 self.bucket.publish(layout.site_census(self.name), SiteCensus(site=self.name, num_cases=n,
                                                                               num_channels=ch), self.identity)
                 self.heartbeat("census", f"{n} cases")
-                return SiteStep("census", f"published: {n} cases, {ch} channel(s)")
+                return StepResult(Action.CENSUS, f"published: {n} cases, {ch} channel(s)")
             if not store.exists(layout.site_fingerprint(self.name)):
                 try:
                     census = self.bucket.read(layout.CENSUS, Census).doc
                 except NotFound:
                     self.heartbeat("waiting", "waiting for the federation census")
-                    return SiteStep("wait", "waiting for the aggregator's census")
+                    return StepResult(Action.WAIT, "waiting for the aggregator's census")
                 summary = self.work.fingerprint_summary(census.total_cases)
                 doc = FingerprintSummary(site=self.name, mode="ffe", total_cases=census.total_cases, summary=summary)
                 self.bucket.publish(layout.site_fingerprint(self.name), doc, self.identity)
                 self.heartbeat("fingerprint", "summary published")
-                return SiteStep("fingerprint", f"summary published ({census.total_cases} federation cases)")
+                return StepResult(Action.FINGERPRINT, f"summary published ({census.total_cases} federation cases)")
             try:
                 gfp = self.bucket.read(layout.GLOBAL_FINGERPRINT, GlobalFingerprint).doc.fingerprint
             except NotFound:
                 self.heartbeat("waiting", "waiting for the merged fingerprint")
-                return SiteStep("wait", "waiting for the merged fingerprint")
+                return StepResult(Action.WAIT, "waiting for the merged fingerprint")
         self.heartbeat("planning", "planning and preprocessing")
         identifier, summary, digest = self.work.plan(gfp)
         self.work.start(self.total_epochs)
@@ -267,13 +242,13 @@ class Site:
         self.state.planned, self.state.plans_digest = True, digest
         self._save()
         self.heartbeat("planned", f"plans {digest[:12]}")
-        return SiteStep("planned", f"plans {identifier} ({digest[:12]}) and initial weights published")
+        return StepResult(Action.PLANNED, f"plans {identifier} ({digest[:12]}) and initial weights published")
 
     # ---- rounds ---------------------------------------------------------------------
     def _fetch_global(self, manifest) -> str:
         ref: BlobRef | None = manifest.doc.blob_for(self.name)
         if ref is None:
-            raise ValidationError(f"{manifest.key}: names no weights for site {self.name}")
+            raise ValidationError(f"{manifest.key}: names no weights for site {self.name}", key=manifest.key)
         path = self.dir / "globals" / f"{ref.sha256}.safetensors"
         if not path.exists():
             self.bucket.get_blob_file(ref, str(path))
@@ -284,7 +259,7 @@ class Site:
             self.work.start(self.total_epochs)
             self._started = True
 
-    def _train(self, round_: int, base: int, manifest) -> SiteStep:
+    def _train(self, round_: int, base: int, manifest) -> StepResult:
         self._ensure_started()
         gpath = self._fetch_global(manifest)
         self.heartbeat("training", f"round r{round_} from v{base}", round=round_, base_version=base)
@@ -323,7 +298,7 @@ class Site:
                                   "metrics": {"recovered": 1.0}}
         self._save()
 
-    def _publish_pending(self) -> SiteStep:
+    def _publish_pending(self) -> StepResult:
         p = self.state.pending
         assert p is not None
         faults.point("site.before_publish")
@@ -338,10 +313,10 @@ class Site:
         self._save()
         self.heartbeat("published", f"update r{p['round']} from v{p['base']}", round=p["round"],
                        base_version=p["base"], metrics=p["metrics"])
-        return SiteStep("update", f"r{p['round']} from v{p['base']} published "
+        return StepResult(Action.UPDATE, f"r{p['round']} from v{p['base']} published "
                                   + ", ".join(f"{k}={v:.4g}" for k, v in sorted(p["metrics"].items())))
 
-    def _finish(self, version: int, manifest) -> SiteStep:
+    def _finish(self, version: int, manifest) -> StepResult:
         self._ensure_started()
         gpath = self._fetch_global(manifest)
         self.heartbeat("finishing", f"final global v{version}")
@@ -350,4 +325,4 @@ class Site:
         self._save()
         self.heartbeat("done", f"finished with v{version}", metrics={k: float(v) for k, v in summary.items()
                                                                      if isinstance(v, (int, float))})
-        return SiteStep("finished", f"final global v{version} loaded; {summary}")
+        return StepResult(Action.FINISHED, f"final global v{version} loaded; {summary}")

@@ -6,7 +6,8 @@ observer; network mounts (NFS, CIFS/SMB, sshfs...), where inotify does not see
 other machines' writes, use polling (as watchdog's own README advises), and so
 do ``s3://`` and ``smb://``. A poll is one role step, whose reads do not grow
 with the number of rounds (the ``latest`` hint plus direct probes of the next
-expected files).
+expected files). The loop that steps a role and waits on a trigger is
+:func:`fedfs.roles.loop.run_loop`.
 """
 
 from __future__ import annotations
@@ -161,46 +162,3 @@ def make_trigger(store: Store, *, watch: str = "auto", poll_interval: float = 5.
         log.warning("file-system events unavailable (%s); polling every %.1f s", exc, poll_interval)
         return Trigger(poll_interval)
 
-
-def run_role(step: Callable[[], Any], store: Store, *, watch: str = "auto", poll_interval: float = 5.0,
-             stop: threading.Event | None = None, on_result: Callable[[Any], None] | None = None) -> Any:
-    """A role's daemon: :func:`run_loop` on the trigger :func:`make_trigger` picks for ``store``."""
-    trigger = make_trigger(store, watch=watch, poll_interval=poll_interval)
-    try:
-        return run_loop(step, trigger, stop=stop, on_result=on_result)
-    finally:
-        trigger.close()
-
-
-def run_loop(step: Callable[[], Any], trigger: Trigger, *, stop: threading.Event | None = None,
-             on_result: Callable[[Any], None] | None = None, done: tuple[str, ...] = ("done", "finished"),
-             max_idle_s: float | None = None) -> Any:
-    """Call ``step`` until it reports one of ``done``; after a "wait", sleep on ``trigger``.
-
-    Errors from a step that a retry may cure (storage unavailable, state unknown)
-    are logged and retried after a wait; anything else propagates.
-    """
-    from ..errors import StateUnknown, StoreUnavailable
-
-    stop = stop or threading.Event()
-    idle_since = time.monotonic()
-    result = None
-    while not stop.is_set():
-        try:
-            result = step()
-        except (StoreUnavailable, StateUnknown) as exc:
-            log.warning("storage trouble, will retry: %s", exc)
-            trigger.wait()
-            continue
-        if on_result is not None and result is not None:
-            on_result(result)
-        action = getattr(result, "action", "wait")
-        if action in done:
-            return result
-        if action not in ("wait", "blocked"):
-            idle_since = time.monotonic()
-            continue
-        if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
-            raise TimeoutError(f"nothing happened for {max_idle_s:.0f} s (last: {result})")
-        trigger.wait()
-    return result

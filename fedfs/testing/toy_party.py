@@ -8,8 +8,9 @@ whole federation runs in seconds and each party can be killed like a real one::
                                        --poll-interval 0.5 --watch auto|poll|inotify]
     python -m fedfs.testing.toy_party aggregator URL --key keys/agg.key --workdir w/agg [--poll-interval 0.5]
 
-Both run ``run_loop(role.step, make_trigger(...))`` until the role is done and
-exit 0. Storage options come from ``FEDFS_STORAGE_OPTIONS`` (JSON), as for the
+Both run the roles' one loop, ``run_loop(role.step, make_trigger(...))``
+(:mod:`fedfs.roles.loop`), until the role is done and exit 0; a blocked role keeps
+polling, as a daemon does. Storage options come from ``FEDFS_STORAGE_OPTIONS`` (JSON), as for the
 ``fedfs`` CLI. Crash points: ``FEDFS_FAULTS`` (see :mod:`fedfs.roles.faults`).
 
 ``FEDFS_TOY_CLOCK_OFFSET_S`` (seconds, may be negative) shifts this party's
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..store.options import parse_storage_options
     from ..errors import FedfsError, exit_code_for
     from ..federation import Federation
-    from ..store.watch import make_trigger, run_loop
+    from ..roles.loop import run_loop
+    from ..store.watch import make_trigger
 
     try:
         torch_threads = int(os.environ.get("FEDFS_TORCH_THREADS", "1"))

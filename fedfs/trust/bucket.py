@@ -21,6 +21,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -61,6 +63,17 @@ class Signed(Generic[D]):
     raw_sha256: str
 
 
+@contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """Give a ValidationError raised inside the bucket key it concerns, unless it names one already."""
+    try:
+        yield
+    except ValidationError as exc:
+        if exc.key is None:
+            exc.key = key
+        raise
+
+
 class Bucket:
     """Signed documents and blobs in one store, verified against one federation config."""
 
@@ -76,7 +89,12 @@ class Bucket:
         return parse_envelope(loads_strict(data, where), where)
 
     def read(self, key: str, cls: type[D], *, max_size: int = MAX_DOCUMENT_BYTES) -> Signed[D]:
-        """Read, verify and parse the document at ``key``; raise a ValidationError saying why not."""
+        """Read, verify and parse the document at ``key``; raise a ValidationError saying why not
+        (its ``key`` names the file, so a caller can quarantine it without parsing the message)."""
+        with _naming(key):
+            return self._read(key, cls, max_size)
+
+    def _read(self, key: str, cls: type[D], max_size: int) -> Signed[D]:
         where = self.store.describe(key)
         data = self.store.read_bytes(key, max_size=max_size)
         env = parse_envelope(loads_strict(data, where), where)
@@ -238,7 +256,12 @@ class Bucket:
         return data
 
     def get_blob_file(self, ref: BlobRef, dest: str | None = None) -> str:
-        """Download and verify a blob to ``dest`` (a temp file by default); return the path."""
+        """Download and verify a blob to ``dest`` (a temp file by default); return the path.
+        A ValidationError it raises names the blob's key (``exc.key``)."""
+        with _naming(ref.key):
+            return self._get_blob_file(ref, dest)
+
+    def _get_blob_file(self, ref: BlobRef, dest: str | None) -> str:
         where = self.store.describe(ref.key)
         if dest is None:
             fd, dest = tempfile.mkstemp(suffix=os.path.splitext(ref.key)[1], prefix="fedfs-")

@@ -1,0 +1,242 @@
+"""What the aggregator reads, verified once and cached: globals, plans, architectures, updates.
+
+:class:`VerifiedInputs` holds the aggregator's view of the bucket: the global manifests
+it has read, each site's plans, declared case count and architecture (the keys and
+shapes of its verified initial weights), and a local cache of verified payloads named
+by sha256. :meth:`VerifiedInputs.scan` reads every site's updates from its cursor on
+and checks each new one (plans digest, size, location, case count, dtypes and shapes,
+finite values, and optionally its norm against its base), concurrently when several
+land together. A refused update goes to the :class:`~fedfs.roles.quarantine.Quarantine`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotFound, ValidationError
+from ..protocol import layout
+from ..protocol.rounds import Pending
+from ..protocol.schema import BlobRef, Census, GlobalManifest, PlansDocument, UpdateManifest
+from ..trust.bucket import Signed
+from .context import FederationContext
+from .quarantine import Quarantine
+
+__all__ = ["MAX_WEIGHTS_BYTES", "VerifiedInputs"]
+
+#: Largest weights payload the aggregator downloads (bytes).
+MAX_WEIGHTS_BYTES = 4 * 1024**3
+
+#: (site, round, key, verified manifest) of one update found by a scan.
+_Found = tuple[str, int, str, Signed[UpdateManifest]]
+
+
+class VerifiedInputs:
+    """The aggregator's verified reads of one federation, with payloads cached under ``cache``."""
+
+    def __init__(self, fed: FederationContext, cache: Path, quarantine: Quarantine) -> None:
+        self.fed = fed
+        self.config = fed.config
+        self.bucket = fed.bucket
+        self.cache = cache
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.quarantine = quarantine
+        self._manifests: dict[int, Signed[GlobalManifest]] = {}
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._plans: dict[str, PlansDocument] = {}
+        self._cases: dict[str, int | None] = {}
+        self._rejected_bases: dict[str, tuple[str, int]] = {}  # rejected update key -> (site, base version)
+        self._verified: dict[str, tuple[str, str]] = {}  # update key -> (manifest sha256, verified local file)
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_locks_guard = threading.Lock()
+
+    # ---- globals, plans, architectures --------------------------------------------
+    def manifest(self, version: int) -> Signed[GlobalManifest]:
+        """The verified global manifest of ``version`` (read once)."""
+        if version not in self._manifests:
+            self._manifests[version] = self.bucket.read(layout.global_version(version), GlobalManifest)
+        return self._manifests[version]
+
+    def forget_manifest(self, version: int) -> None:
+        """Read ``version`` again next time (it was just published, by us or a concurrent run)."""
+        self._manifests.pop(version, None)
+
+    def plans_of(self, site: str) -> PlansDocument:
+        if site not in self._plans:
+            self._plans[site] = self.bucket.read(layout.site_plans(site), PlansDocument).doc
+        return self._plans[site]
+
+    def site_shapes(self, site: str, plans: PlansDocument | None = None) -> dict[str, tuple[int, ...]]:
+        """The site's declared architecture: keys and shapes of its verified initial weights."""
+        if site not in self._shapes:
+            from ..weights.tensors import validate_update
+
+            plans = plans or self.plans_of(site)
+            path = self.fetch(plans.init_blob)
+            self._shapes[site] = dict(validate_update(path).shapes())
+        return self._shapes[site]
+
+    def declared_cases(self, site: str) -> int | None:
+        """The case count a site committed to before training (FFE census, or its plans document);
+        an update's weight must match it, so a site cannot inflate its influence later."""
+        if site not in self._cases:
+            n = None
+            if self.config.mode == "ffe":
+                try:
+                    n = self.bucket.read(layout.CENSUS, Census).doc.sites.get(site)
+                except NotFound:
+                    n = None
+            else:
+                v = self.plans_of(site).summary.get("num_cases")
+                n = v if isinstance(v, int) and not isinstance(v, bool) else None
+            self._cases[site] = n
+        return self._cases[site]
+
+    # ---- payloads ------------------------------------------------------------------
+    def fetch(self, ref: BlobRef) -> str:
+        """A verified local copy of a blob (cached by sha256; safe to call from several threads)."""
+        # Embedded documents are not validated by from_dict: the sha256 must be hex before it names a local
+        # file, or "../out/v000001/global.safetensors" would make a file already on disk pass as the payload;
+        # and the key must be safe even when the cache already holds its sha256 (no download to refuse it).
+        ref.validate(self.fed.store.describe(ref.key))
+        path = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
+        if not path.exists():
+            with self._fetch_locks_guard:
+                lock = self._fetch_locks.setdefault(str(path), threading.Lock())
+            with lock:  # one download per blob, however many threads want it
+                if not path.exists():
+                    self.bucket.get_blob_file(ref, str(path))
+        return str(path)
+
+    def put_own(self, path: str) -> BlobRef:
+        """Upload an aggregator output and keep it in the cache, so the next round does not download it back."""
+        ref = self.bucket.put_blob_file(layout.aggregator_blob, path)
+        cached = self.cache / f"{ref.sha256}{Path(ref.key).suffix}"
+        if not cached.exists():
+            tmp = cached.with_name(cached.name + ".incomplete")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)  # the output is never modified: a hard link is a free copy
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, cached)
+        return ref
+
+    # ---- updates --------------------------------------------------------------------
+    def rejected_sites(self, version: int) -> set[str]:
+        """Sites with an update from ``version`` that was rejected (they answered this version)."""
+        return {site for site, base in self._rejected_bases.values() if base == version}
+
+    def scan(self, next_rounds: dict[str, int]) -> tuple[list[Pending], dict[str, int], dict[str, tuple]]:
+        """Verify every update from each site's cursor on; stop at the first missing one.
+
+        Returns the acceptable updates, each site's next unread round, and per update key its
+        (manifest, verified local file). Manifests are read site by site; the payloads new since
+        the last poll are then downloaded and checked concurrently (hashing, copying and the NaN
+        scan release the GIL), so several updates landing together cost about one update's time."""
+        found: list[_Found] = []
+        cursor: dict[str, int] = {}
+        for site in self.config.site_names:
+            r = next_rounds.get(site, 0)
+            while True:
+                key = layout.site_update(site, r)
+                if key in self.quarantine:
+                    if key not in self._rejected_bases:  # rejected before a restart: which version it answered
+                        self._rejected_bases[key] = (site, self._base_of(key))
+                    r += 1
+                    continue
+                try:
+                    signed = self.bucket.read(key, UpdateManifest)
+                except NotFound:
+                    break
+                except ValidationError as exc:
+                    self.quarantine.reject(key, str(exc))
+                    r += 1
+                    continue
+                found.append((site, r, key, signed))
+                r += 1
+            cursor[site] = r
+        fresh = [(site, key, signed) for site, _r, key, signed in found
+                 if self._verified.get(key, ("",))[0] != signed.raw_sha256]
+        outcome = self._verify_all(fresh)
+        pending: list[Pending] = []
+        local: dict[str, tuple] = {}
+        for site, r, key, signed in found:
+            if key in outcome:
+                result = outcome[key]
+                if isinstance(result, ValidationError):
+                    self.quarantine.reject(key, str(result))
+                    self._rejected_bases[key] = (site, signed.doc.base_version)
+                    continue
+                self._verified[key] = (signed.raw_sha256, result)
+            pending.append(Pending(site, r, signed.doc.base_version, key))
+            local[key] = (signed.doc, self._verified[key][1])
+        return pending, cursor, local
+
+    def _base_of(self, key: str) -> int:
+        """The base version a rejected update names (-1 if its manifest itself was refused)."""
+        try:
+            return self.bucket.read(key, UpdateManifest).doc.base_version
+        except (NotFound, ValidationError):
+            return -1
+
+    def _verify_all(self, todo: list[tuple[str, str, Any]]) -> dict[str, str | ValidationError]:
+        """Verify updates (concurrently when there are several): key -> local path, or the
+        ValidationError that rejects it. Other errors (storage trouble) propagate."""
+        for site in sorted({site for site, _k, _s in todo}):  # warm the per-site caches on this thread
+            try:
+                self.plans_of(site)
+                self.declared_cases(site)
+                self.site_shapes(site)
+            except ValidationError:
+                pass  # raised again, per update, by verify_update below
+
+        def one(item: tuple[str, str, Any]) -> str | ValidationError:
+            site, _key, signed = item
+            try:
+                return self.verify_update(site, signed.doc)
+            except ValidationError as exc:
+                return exc
+
+        if len(todo) < 2:
+            return {key: one((site, key, signed)) for site, key, signed in todo}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(todo), max(2, os.cpu_count() or 2), 4),
+                                thread_name_prefix="fedfs-verify") as pool:
+            results = list(pool.map(one, todo))
+        return {key: res for (_site, key, _signed), res in zip(todo, results)}
+
+    def verify_update(self, site: str, upd: UpdateManifest) -> str:
+        """Check one update of ``site`` against what the site declared; return its verified local file."""
+        from ..weights.tensors import relative_change, validate_update
+
+        plans = self.plans_of(site)
+        if upd.plans_digest and upd.plans_digest != plans.digest:
+            raise ValidationError(f"update trained with plans {upd.plans_digest[:12]}, site published {plans.digest[:12]}")
+        if upd.blob.size > MAX_WEIGHTS_BYTES:
+            raise ValidationError(f"payload of {upd.blob.size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
+        if not upd.blob.key.startswith(layout.site_prefix(site)):
+            raise ValidationError(f"payload {upd.blob.key} lies outside site {site}'s folder")
+        declared = self.declared_cases(site)
+        if declared is not None and upd.num_cases != declared:
+            raise ValidationError(f"update claims {upd.num_cases} training cases; site {site} declared {declared}")
+        path = self.fetch(upd.blob)
+        try:
+            validate_update(path, expected=self.site_shapes(site))
+        except ValidationError as exc:  # name the bucket file, not this machine's cache path
+            raise type(exc)(str(exc).replace(path, self.fed.store.describe(upd.blob.key))) from None
+        limit = self.config.update_norm_limit
+        if limit > 0:
+            try:
+                base_ref = self.manifest(upd.base_version).doc.blob_for(site)
+            except NotFound:
+                raise ValidationError(f"update names base version v{upd.base_version}, which does not exist") from None
+            ratio = relative_change(path, self.fetch(base_ref))
+            if ratio > limit:
+                raise ValidationError(f"implausible update: it moves the model by {ratio:.3g} x the norm of "
+                                      f"v{upd.base_version} (limit {limit:g})")
+        return path
