@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedfs import layout
 from fedfs.errors import Blocked
 from fedfs.federation import Federation, config_from_key_dir
@@ -139,3 +141,27 @@ def test_a_blocked_site_step_exits_10_with_the_reason(tmp_path, keys):
     assert proc.stdout.count("blocked: ") == 1 and layout.CENSUS in proc.stdout
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("fedfs: error: ") and layout.CENSUS in error and "malformed" in error
+
+
+@pytest.mark.nnunet
+def test_a_configuration_typo_ends_the_site_step_with_10(tmp_path, keys):
+    """The trial's bug with real nnU-Net: the federation trains "2d_typo", which nnU-Net's plans lack.
+    `fedfs site step` fingerprints and plans once, then returns blocked (it re-planned forever before)."""
+    from fedfs.ops.simulate import nnunet_environment
+    from fedfs.testing.synthetic import make_site
+
+    # Prepare: one synthetic 2D site in a fedavg federation (sites plan at once)
+    env = nnunet_environment(tmp_path, {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed":
+                                        str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")})
+    site = make_site(env["nnUNet_raw"], 611, "A", n_train=4, n_test=1, test_root=tmp_path / "heldout")
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo")
+    url = str(tmp_path / "bucket")
+    Federation.create(url, config, agg)
+    # Execute
+    proc = run("site", "step", url, "--key", str(keys / "A.key"), "--workdir", str(tmp_path / "w"),
+               "-d", str(site.dataset_id), "-np", "1", "-npfp", "1", "-q", env=env, check=False)
+    # Assert
+    assert proc.returncode == 10, proc.stderr[-2000:]
+    assert proc.stdout.count("blocked: ") == 1 and proc.stdout.strip().splitlines()[-1].startswith("blocked: ")
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("fedfs: error: ") and "no configuration '2d_typo'" in error
