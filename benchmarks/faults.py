@@ -646,7 +646,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "truncated_payload": ("truncated",),
     "truncated_size": ("the manifest says",),
     "bitflip_payload": ("does not match",),
-    "digest_mismatch": ("must contain its sha256", "does not match"),
+    "digest_mismatch": ("/blobs/<its sha256>", "does not match"),
     "digest_mismatch_content": ("does not match",),
     "forged_signature": ("does not verify",),
     "unsigned": ("not signed",),

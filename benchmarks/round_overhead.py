@@ -436,7 +436,7 @@ def make_role(fed, party: str, workdir: Path, model: str, sleep_s: float):
 # ---------------------------------------------------------------------------- one party's loop
 def run_party(spec: dict[str, Any], stop: threading.Event | None = None) -> dict[str, Any]:
     """Run one party's real role loop to the end; return its timeline and request log."""
-    from fedfs.store.watch import make_trigger, run_loop
+    from fedfs import make_trigger, run_loop
 
     party = spec["party"]
     fed, store = open_party(spec["url"], Path(spec["keys"]), party)

@@ -5,7 +5,7 @@ set -euo pipefail
 WORK=${1:-/tmp/fedfs-sim}
 export nnUNet_raw=$WORK/nnUNet_raw nnUNet_preprocessed=$WORK/nnUNet_preprocessed nnUNet_results=$WORK/nnUNet_results
 python - <<PY
-from fedfs.testing.synthetic import make_federation
+from fedfs import make_federation
 for s in make_federation("$WORK/nnUNet_raw", n_sites=3, base_id=501, test_root="$WORK/heldout"):
     print(s.dataset_name, s.n_train, "training cases")
 PY

@@ -17,11 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fedfs.roles.aggregator import Aggregator
-from fedfs.roles.client import SiteClient
-from fedfs.federation import Federation, config_from_key_dir
-from fedfs.trust.signing import generate_keypair
-from fedfs.store.watch import Trigger, run_loop
+from fedfs import Aggregator, Federation, SiteClient, config_from_key_dir, generate_keypair, run_loop
+from fedfs.store.watch import Trigger
 
 ROUNDS = 4
 SITES = {"A": (200, 0.0), "B": (120, 0.5), "C": (60, -0.5)}  # cases, feature shift

@@ -17,15 +17,10 @@ from pathlib import Path
 
 
 def main(root: Path) -> None:
-    from fedfs.ops.simulate import nnunet_environment
+    from fedfs import (Federation, NnunetOptions, NnunetWork, collect_status, config_from_key_dir,
+                       generate_keypair, make_federation, nnunet_environment)
 
     os.environ.update(nnunet_environment(root))  # nnUNet_raw/_preprocessed/_results under root
-    from fedfs import Federation
-    from fedfs.federation import config_from_key_dir
-    from fedfs.nnunet.work import NnunetOptions, NnunetWork
-    from fedfs.trust.signing import generate_keypair
-    from fedfs.ops.status import collect_status
-    from fedfs.testing.synthetic import make_federation
 
     datasets = make_federation(os.environ["nnUNet_raw"], n_sites=2, base_id=701, test_root=root / "heldout")
     keys = root / "keys"

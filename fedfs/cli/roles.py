@@ -131,7 +131,8 @@ def site_step(**kw: Any) -> None:
     """Do whatever is due now and exit 0; for cron.
 
     A step resumes nnU-Net from its own checkpoint, so cron may call it every
-    few minutes; a step that finds nothing due exits at once.
+    few minutes; a step that finds nothing due exits at once. A blocked step
+    (a rejected file, a configuration the plans lack) exits 10 with the reason.
 
     \b
     Example (crontab):
@@ -185,6 +186,8 @@ def aggregator() -> None:
 @common
 def aggregator_step(**kw: Any) -> None:
     """Do whatever is due now and exit 0; for cron.
+
+    A blocked step (sites whose plans differ, a merge that fails) exits 10 with the reason.
 
     \b
     Example (crontab):
