@@ -96,38 +96,28 @@ def site_prefix(site: str) -> str:
     return f"{SITES}/{check_name(site)}/"
 
 
-def site_census(site: str) -> str:
-    """FFE phase 1: the site's training-case count."""
-    return site_prefix(site) + "fingerprint/census.json"
+def _site_file(name: str, rel: str, doc: str) -> Callable[[str], str]:
+    def key(site: str) -> str:
+        return site_prefix(site) + rel
+
+    key.__name__ = key.__qualname__ = name
+    key.__doc__ = doc
+    return key
 
 
-def site_fingerprint(site: str) -> str:
-    """FFE phase 2 (or AsymFedAvg): the site's fingerprint summary."""
-    return site_prefix(site) + "fingerprint/summary.json"
-
-
-def site_plans(site: str) -> str:
-    """Digest and summary of the plans the site trains with."""
-    return site_prefix(site) + "plans.json"
+site_census = _site_file("site_census", "fingerprint/census.json", "FFE phase 1: the site's training-case count.")
+site_fingerprint = _site_file("site_fingerprint", "fingerprint/summary.json",
+                              "FFE phase 2 (or AsymFedAvg): the site's fingerprint summary.")
+site_plans = _site_file("site_plans", "plans.json", "Digest and summary of the plans the site trains with.")
+site_updates_prefix = _site_file("site_updates_prefix", "updates/", "The folder of the site's update manifests.")
+site_heartbeat = _site_file("site_heartbeat", "heartbeat.json", "A mutable hint: the site's phase and last sign of life.")
+site_status = _site_file("site_status", "status.json",
+                         "A mutable signed document: what this site rejected and why (quarantine).")
 
 
 def site_update(site: str, round_: int) -> str:
     """The manifest of the site's ``round_``-th update (it names its base version)."""
     return site_prefix(site) + f"updates/{_r(round_)}.json"
-
-
-def site_updates_prefix(site: str) -> str:
-    return site_prefix(site) + "updates/"
-
-
-def site_heartbeat(site: str) -> str:
-    """A mutable hint: the site's phase and last sign of life."""
-    return site_prefix(site) + "heartbeat.json"
-
-
-def site_status(site: str) -> str:
-    """A mutable signed document: what this site rejected and why (quarantine)."""
-    return site_prefix(site) + "status.json"
 
 
 def site_blob(site: str, sha256: str, ext: str = "safetensors") -> str:

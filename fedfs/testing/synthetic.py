@@ -211,13 +211,7 @@ def make_site(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: 
     n_test = style.n_test if n_test is None else int(n_test)
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train}, {n_test}")
-    folder_name = dataset_folder_name(dataset_id, name)
-    raw_root = Path(raw_root)
-    test_root = Path(test_root) if test_root is not None else raw_root.parent / "nnUNet_heldout"
-    dataset_dir, test_dir = raw_root / folder_name, test_root / folder_name
-    for d in (dataset_dir, test_dir):
-        if d.exists():
-            shutil.rmtree(d)
+    folder_name, dataset_dir, test_dir = _fresh_folders(raw_root, test_root, dataset_id, name)
     images_ts, labels_ts = test_dir / "imagesTs", test_dir / "labelsTs"
     for d in (dataset_dir / "imagesTr", dataset_dir / "labelsTr", images_ts, labels_ts):
         d.mkdir(parents=True)
@@ -233,6 +227,20 @@ def make_site(raw_root: str | os.PathLike, dataset_id: int, name: str, n_train: 
         _write_image(seg, style.spacing, seg_dir / f"{case}{FILE_ENDING}")
     _write_dataset_json(dataset_dir, n_train, style.channel_name)
     return SitePaths(int(dataset_id), folder_name, dataset_dir, images_ts, labels_ts, n_train, n_test, style)
+
+
+def _fresh_folders(raw_root: str | os.PathLike, test_root: str | os.PathLike | None, dataset_id: int,
+                   name: str) -> tuple[str, Path, Path]:
+    """(folder name, empty raw dataset folder, empty held-out folder); existing ones are replaced.
+    ``test_root`` defaults to ``<parent of raw_root>/nnUNet_heldout``."""
+    folder_name = dataset_folder_name(dataset_id, name)
+    raw_root = Path(raw_root)
+    test_root = Path(test_root) if test_root is not None else raw_root.parent / "nnUNet_heldout"
+    dataset_dir, test_dir = raw_root / folder_name, test_root / folder_name
+    for d in (dataset_dir, test_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    return folder_name, dataset_dir, test_dir
 
 
 def make_federation(raw_root: str | os.PathLike, n_sites: int = 3, base_id: int = 501, seed: int = 0,
@@ -282,13 +290,7 @@ def make_pooled(raw_root: str | os.PathLike, sites: Sequence[SitePaths], dataset
     channels = {s.style.channel_name for s in sites}
     if len(channels) != 1:
         raise ValueError(f"sites disagree on the channel name: {sorted(channels)}")
-    folder_name = dataset_folder_name(dataset_id, name)
-    raw_root = Path(raw_root)
-    test_root = Path(test_root) if test_root is not None else raw_root.parent / "nnUNet_heldout"
-    dataset_dir, test_dir = raw_root / folder_name, test_root / folder_name
-    for d in (dataset_dir, test_dir):
-        if d.exists():
-            shutil.rmtree(d)
+    folder_name, dataset_dir, test_dir = _fresh_folders(raw_root, test_root, dataset_id, name)
     pairs = [(dataset_dir / "imagesTr", [s.images_tr for s in sites]),
              (dataset_dir / "labelsTr", [s.labels_tr for s in sites]),
              (test_dir / "imagesTs", [s.images_ts for s in sites]),
