@@ -30,7 +30,7 @@ def final_manifest(fed: Federation, *, require_final: bool = True) -> Signed[Glo
     if v is None:
         raise NotFound("no global model yet")
     m = fed.bucket.read(layout.global_version(v), GlobalManifest)
-    if require_final and not (m.doc.final or v >= fed.config.rounds):
+    if require_final and not m.doc.is_final(fed.config.rounds):
         raise ConfigError(f"the federation is at v{v} of {fed.config.rounds}: not finished "
                           "(pass --allow-unfinished to export it anyway)")
     return m

@@ -38,7 +38,7 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
     globals_: list[dict[str, Any]] = []
     for v, g in r.documents(layout.GLOBALS_PREFIX, layout.parse_version_key, GlobalManifest):
         globals_.append({"version": v, "signed_at": g.signed_at, "t": parse_stamp_or_none(g.signed_at),
-                         "final": bool(g.doc.final or v >= c.rounds), "report": g.doc.report,
+                         "final": g.doc.is_final(c.rounds), "report": g.doc.report,
                          "next_rounds": g.doc.next_rounds,
                          "contributions": [{"site": x.site, "round": x.round, "key": x.key,
                                             "base_version": x.base_version, "staleness": x.staleness,

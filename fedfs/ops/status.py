@@ -103,7 +103,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         doc = current.doc
         t = parse_stamp_or_none(current.signed_at)
         glob.update(
-            final=bool(doc.final or doc.version >= c.rounds),
+            final=doc.is_final(c.rounds),
             published_at=current.signed_at,
             age_s=None if t is None else round(max(0.0, now - t), 1),
             contributions=[{"site": x.site, "round": x.round, "base_version": x.base_version,

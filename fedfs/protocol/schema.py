@@ -234,6 +234,10 @@ class GlobalManifest(Document):
         for site in self.site_blobs:
             check_name(site)
 
+    def is_final(self, rounds: int) -> bool:
+        """The federation ends with this global: marked final, or the last of ``rounds``."""
+        return self.final or self.version >= rounds
+
     def blob_for(self, site: str) -> BlobRef | None:
         """The weights ``site`` trains from: its own in AsymFedAvg, the one global in FFE."""
         return self.site_blobs.get(site, self.blob)

@@ -80,7 +80,7 @@ class Aggregator:
     def _round_step(self, version: int) -> StepResult:
         c = self.config
         current = self.manifest(version)
-        if version >= c.rounds or current.doc.final:
+        if current.doc.is_final(c.rounds):
             return StepResult(Action.FINISHED, f"v{version} is the final global", version=version)
         pending, cursor, local = self.inputs.scan(current.doc.next_rounds)
         age = max(0.0, self.clock() - parse_stamp(current.signed_at, current.key))

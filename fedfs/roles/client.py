@@ -88,7 +88,7 @@ class SiteClient:
     @property
     def finished(self) -> bool:
         m = self.latest()
-        return bool(m and (m.final or m.version >= self.fed.config.rounds))
+        return bool(m and m.is_final(self.fed.config.rounds))
 
     def pull(self, model: Any = None, *, final: bool = False, timeout: float = 3600.0,
              poll_interval: float = 1.0) -> int:
@@ -99,7 +99,7 @@ class SiteClient:
         deadline = time.monotonic() + timeout
         while True:
             m = self.latest()
-            done = m is not None and (m.final or m.version >= self.fed.config.rounds)
+            done = m is not None and m.is_final(self.fed.config.rounds)
             if m is not None and (done if final else (self.last_version is None or m.version > self.last_version)):
                 break
             if time.monotonic() > deadline:
