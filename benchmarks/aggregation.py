@@ -4,7 +4,7 @@ For nnU-Net-shaped models (tensor shapes taken from real dynamic_network_archite
 networks built on the meta device: 2D 5-stage 7.8 M params in 88 tensors, 3D fullres
 16.5 M in 88, 2D 7-stage 33.5 M in 128) and N updates on local disk, each row compares:
 
-* ``fedfs_s``: :func:`fedfs.fl.aggregate.aggregate` (FedAvg weighted by cases), output written;
+* ``fedfs_s``: :func:`fedfs.weights.combine.aggregate` (FedAvg weighted by cases), output written;
 * ``read_floor_s``: merely reading the N safetensors files (1 MiB ``readinto`` into one buffer);
 * ``naive_s``: the reference approach, measured here on this benchmark's own pickles:
   ``torch.load`` every state dict, stack the common keys, mean, ``torch.save``.
