@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["NOT_MEASURED", "TARGET_FIELDS", "all_met", "result", "shape_problems", "target"]
+__all__ = ["NOT_MEASURED", "TARGET_FIELDS", "all_met", "benchmark_output", "shape_problems", "target"]
 
 TARGET_FIELDS = ("rule", "value", "met")
 NOT_MEASURED = "not measured"  # the value of a target whose figure is missing (an arm failed or was not run)
@@ -40,7 +40,8 @@ def all_met(targets: Mapping[str, Mapping[str, Any]]) -> bool:
     return all(t["met"] for t in targets.values())
 
 
-def result(benchmark: str, figures: Mapping[str, Any], targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def benchmark_output(benchmark: str, figures: Mapping[str, Any],
+                     targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The JSON object a benchmark prints: its name first, its figures, then its targets."""
     return {"benchmark": benchmark, **figures, "targets": dict(targets), "all_targets_met": all_met(targets)}
 

@@ -34,7 +34,7 @@ from typing import Any
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py: the output shape
-from _common import result, target  # noqa: E402
+from _common import benchmark_output, target  # noqa: E402
 
 MODELS = ("2d", "3d_fullres", "large")
 MB = 1024 * 1024
@@ -172,7 +172,7 @@ def run(models: list[str], ns: list[int], repeat: int, folder: str, threads: int
         shutil.rmtree(sub, ignore_errors=True)
     figures = {"cpus": os.cpu_count(), "repeat": repeat,
                "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)], "rows": rows}
-    return result("aggregation", figures, check_targets(rows))
+    return benchmark_output("aggregation", figures, check_targets(rows))
 
 
 def check_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py: the output shape
-from _common import result, target  # noqa: E402
+from _common import benchmark_output, target  # noqa: E402
 
 HEAVY = ("torch", "nnunetv2", "s3fs", "smbprotocol", "matplotlib", "rich", "numpy")
 
@@ -49,7 +49,7 @@ def main() -> None:
     }
     figures = {"runs": args.n, "help_median_s": median, "help_max_s": round(max(times), 4),
                "heavy_modules_loaded": loaded}
-    print(json.dumps(result("cli_startup", figures, targets)))
+    print(json.dumps(benchmark_output("cli_startup", figures, targets)))
 
 
 if __name__ == "__main__":

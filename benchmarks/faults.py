@@ -126,7 +126,7 @@ from fedfs.store import open_store  # noqa: E402
 
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/_common.py: the output shape
-from _common import result, target  # noqa: E402
+from _common import benchmark_output, target  # noqa: E402
 
 ROUNDS = 3
 SITES = {"A": {"cases": 6, "seed": 1}, "B": {"cases": 3, "seed": 2}, "C": {"cases": 1, "seed": 3}}
@@ -904,6 +904,27 @@ def federation_json_traversal(be: Backend, root: Path) -> dict[str, Any]:
 
 
 # ---- bad globals offered to a site (in process) ----------------------------------------------
+def in_process_federation(be: Backend, root: Path, until_version: int) -> tuple[Any, Path, Any, dict[str, Any]]:
+    """The honest sites and an aggregator in this process, stepped in turn until global
+    ``until_version`` is published: ``(federation, keys folder, aggregator, {site: Site})``."""
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork
+
+    keys = make_keys(root / "keys", sorted(SITES))
+    fed = create_federation(be.new_url(root), keys, sorted(SITES), be.storage_options)
+    agg = Aggregator(fed.as_party(keys / "agg.key"), root / "w-agg")
+    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=v["cases"], seed=v["seed"]), root / f"w-{s}")
+             for s, v in SITES.items()}
+    for _ in range(12):
+        agg.step()
+        if fed.store.exists(layout.global_version(until_version)):
+            return fed, keys, agg, sites
+        for s in sites.values():
+            s.step()
+    raise RuntimeError(f"the probe federation did not reach v{until_version}")
+
+
 def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     """Bad globals written into aggregator/ by a party holding a site key or bucket access.
 
@@ -912,24 +933,10 @@ def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     trained from it nor crashed without saying why: the key and a reason must be in
     ``sites/B/status.json``. The bad file is removed again before the next probe.
     """
-    from fedfs.roles.aggregator import Aggregator
     from fedfs.roles.site import Site
     from fedfs.testing.toy import ToyWork
 
-    keys = make_keys(root / "keys", sorted(SITES))
-    url = be.new_url(root)
-    fed = create_federation(url, keys, sorted(SITES), be.storage_options)
-    agg = Aggregator(fed.as_party(keys / "agg.key"), root / "w-agg")
-    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=v["cases"], seed=v["seed"]),
-                     root / f"w-{s}") for s, v in SITES.items()}
-    for _ in range(12):
-        agg.step()
-        if fed.store.exists(layout.global_version(1)):
-            break
-        for s in sites.values():
-            s.step()
-    else:
-        raise RuntimeError("the probe federation did not reach v1")
+    fed, keys, _agg, _sites = in_process_federation(be, root, until_version=1)
     store, b = fed.store, fed.bucket
     v1 = b.read(layout.global_version(1), GlobalManifest)
     v1_raw = store.read_bytes(layout.global_version(1))
@@ -1059,21 +1066,9 @@ def _restart_and_squat_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     """(1) C's update is rejected (NaN), the aggregator restarts before A and B report: does the sync
     round still close? (2) Garbage written with the bare store at B's next update key: can B go on?"""
     from fedfs.roles.aggregator import Aggregator
-    from fedfs.roles.site import Site
-    from fedfs.testing.toy import ToyWork
     from fedfs.weights.tensors import load_weights, save_weights
 
-    keys = make_keys(root / "keys", sorted(SITES))
-    fed = create_federation(be.new_url(root), keys, sorted(SITES), be.storage_options)
-    agg = Aggregator(fed.as_party(keys / "agg.key"), root / "w-agg")
-    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=v["cases"], seed=v["seed"]), root / f"w-{s}")
-             for s, v in SITES.items()}
-    for _ in range(12):
-        agg.step()
-        if fed.store.exists(layout.global_version(0)):
-            break
-        for s in sites.values():
-            s.step()
+    fed, keys, agg, sites = in_process_federation(be, root, until_version=0)
     work_c = sites["C"].work
     real_train = work_c.train_round
 
@@ -1177,7 +1172,7 @@ def run_suite(*, quick: bool, root: Path | None = None, backends: tuple[str, ...
     out["duration_s"] = round(time.time() - t0, 1)
     out["clock_skew_mechanism"] = "faketime (libfaketime) and FEDFS_TOY_CLOCK_OFFSET_S" if shutil.which(
         "faketime") else "FEDFS_TOY_CLOCK_OFFSET_S only (libfaketime not installed)"
-    return result("faults", out, check_targets(out))
+    return benchmark_output("faults", out, check_targets(out))
 
 
 def check_targets(out: dict[str, Any]) -> dict[str, dict[str, Any]]:

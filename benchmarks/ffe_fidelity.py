@@ -36,7 +36,7 @@ import numpy as np
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py: the output shape
-from _common import result, target  # noqa: E402
+from _common import benchmark_output, target  # noqa: E402
 
 STAT_EXACT = ("mean", "std", "min", "max")
 STAT_QUANTILE = ("median", "percentile_00_5", "percentile_99_5")
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
             "total": round(time.perf_counter() - t_start, 3),
         },
     }
-    return result("ffe_fidelity", figures, check_targets(figures))
+    return benchmark_output("ffe_fidelity", figures, check_targets(figures))
 
 
 def check_targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -359,7 +359,8 @@ def check_targets(f: dict[str, Any]) -> dict[str, dict[str, Any]]:
     integer = f["intensities"] == "integer"
     quantile_limit = 0.0 if integer else 1e-3
     timing = f["timing_s"]
-    step_ratio = max(timing["ffe_site_step"][s] / timing["nnunet_local_fingerprint"][s] for s in timing["ffe_site_step"])
+    step_ratio = max(timing["ffe_site_step"][site] / timing["nnunet_local_fingerprint"][site]
+                     for site in timing["ffe_site_step"])
     return {
         "plans_identical": target("plans fields differing from centralized nnU-Net's (rel. tol. 1e-6) == 0",
                                   len(f["plans_diff"]), f["plans_identical"]),

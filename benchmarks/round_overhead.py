@@ -67,7 +67,7 @@ from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py: the output shape
-from _common import result, target  # noqa: E402
+from _common import benchmark_output, target  # noqa: E402
 
 try:
     import fedfs  # noqa: F401
@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     out["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
                       "processor": _cpu_model(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
     out["wall_s"] = round(time.monotonic() - t0, 1)
-    out = result("round_overhead", out, check_targets(out))
+    out = benchmark_output("round_overhead", out, check_targets(out))
     if args.json:
         print(json.dumps(out, indent=1))
     else:
