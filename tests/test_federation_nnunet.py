@@ -21,7 +21,7 @@ import pytest
 
 from fedfs import layout
 from fedfs.federation import Federation, config_from_key_dir
-from fedfs.protocol.schema import GlobalManifest, Heartbeat, UpdateManifest
+from fedfs.protocol.schema import GlobalManifest, Heartbeat, PlansDocument, UpdateManifest
 from fedfs.trust.signing import generate_keypair
 
 pytestmark = pytest.mark.nnunet
@@ -74,7 +74,7 @@ def test_demo_ffe_sync_on_a_folder(tmp_path):
     assert [len(v.contributions) for v in versions] == [0, 3, 3]
     assert versions[-1].final
     # FFE: one set of plans for all
-    plans = {fed.bucket.read(layout.site_plans(s), __import__("fedfs.protocol.schema").schema.PlansDocument).doc.digest
+    plans = {fed.bucket.read(layout.site_plans(s), PlansDocument).doc.digest
              for s in fed.config.site_names}
     assert len(plans) == 1
     assert_no_duplicates(fed, 2)

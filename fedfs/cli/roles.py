@@ -60,9 +60,13 @@ def _set_up_only(result: Any) -> bool:
     return result.action not in ("census", "fingerprint")
 
 
-def make_site(url, key, workdir, federation_digest, storage_options, dataset, configuration, fold, trainer, plans, planner,
-              gpu_memory_target, device, num_processes, num_processes_fingerprint, verify_dataset_integrity,
-              iterations_per_epoch, val_iterations, no_final_validation, **_ignored):
+def make_site(url: str | None, key: str | None, workdir: str | None, federation_digest: str | None,
+              storage_options: tuple[str, ...], *, dataset: str | None, configuration: str | None,
+              no_final_validation: bool, **nnunet: Any):
+    """The site a role command acts as: ``nnunet`` holds the remaining nnU-Net options by name
+    (the fields of :class:`~fedfs.nnunet.work.NnunetOptions`); other keys are ignored."""
+    import dataclasses
+
     from ..nnunet.work import NnunetOptions, NnunetWork
     from ..roles.site import Site
 
@@ -72,13 +76,10 @@ def make_site(url, key, workdir, federation_digest, storage_options, dataset, co
     conf = configuration or fed.config.configuration
     if conf != fed.config.configuration:
         raise ConfigError(f"the federation trains {fed.config.configuration!r}, not {conf!r}")
-    work = NnunetWork(NnunetOptions(
-        dataset=str(dataset), configuration=conf, fold=fold, trainer=trainer, plans=plans, planner=planner,
-        gpu_memory_target=gpu_memory_target, device=device, num_processes=num_processes,
-        num_processes_fingerprint=num_processes_fingerprint, verify_dataset_integrity=verify_dataset_integrity,
-        iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
-        validate=not no_final_validation), mode=fed.config.mode)
-    return Site(fed, work, default_workdir(workdir, fed))
+    fields = {f.name for f in dataclasses.fields(NnunetOptions)}
+    options = NnunetOptions(dataset=str(dataset), configuration=conf, validate=not no_final_validation,
+                            **{k: v for k, v in nnunet.items() if k in fields})
+    return Site(fed, NnunetWork(options, mode=fed.config.mode), default_workdir(workdir, fed))
 
 
 @click.group(context_settings=CONTEXT)
