@@ -143,12 +143,30 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if w == v:
                     break
             if len(comp) > 1:
-                out.append(sorted(comp) + [sorted(comp)[0]])
+                out.append(_shortest_cycle(graph, set(comp)))
 
     for v in sorted(graph):
         if v not in index:
             visit(v)
     return out
+
+
+def _shortest_cycle(graph: dict[str, set[str]], comp: set[str]) -> list[str]:
+    """A shortest import path from the component's first module back to itself."""
+    start = min(comp)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph.get(v, ())):
+                if w == start:
+                    return paths[v] + [start]
+                if w in comp and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    return sorted(comp) + [start]
 
 
 def test_the_package_is_layered():
