@@ -305,7 +305,8 @@ def render_page(records: Mapping[str, Mapping[str, Any]], mach: Mapping[str, Any
     when = records.get("_meta", {}).get("finished") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# Benchmarks", "",
-        "Figures measured by the scripts in `benchmarks/` (each prints one JSON object). `make bench` "
+        "Figures measured by the scripts in `benchmarks/` (each prints one JSON object, its targets as "
+        "`{name: {rule, value, met}}`: `benchmarks/_common.py`). `make bench` "
         "(`python benchmarks/run_all.py`) runs them all in their quick forms, stores each JSON under "
         "`benchmarks/results/` and rewrites this page; `python benchmarks/run_all.py --only NAME` reruns one.", "",
         f"Last run finished {when} on this machine:", "",
