@@ -53,13 +53,16 @@ class Federation:
         identity: Identity | str | os.PathLike[str] | None = None,
         pin: str | None = None,
     ) -> Federation:
-        """Open the federation at ``url``; verify ``federation.json`` (and ``pin``, its sha256)."""
-        store = url if isinstance(url, Store) else open_store(url, storage_options)
+        """Open the federation at ``url``; verify ``federation.json`` (and ``pin``, its sha256).
+
+        Opening creates nothing (a mistyped folder is not made); a missing bucket or folder is
+        named as such, not as a missing federation."""
+        store = url if isinstance(url, Store) else open_store(url, storage_options, create=False)
         where = store.describe(layout.FEDERATION)
         try:
             data = store.read_bytes(layout.FEDERATION, max_size=MAX_FEDERATION_BYTES)
         except NotFound:
-            raise NotFound(f"{where}: no federation here; run `fedfs init` first") from None
+            raise NotFound(store.missing_root() or f"{where}: no federation here; run `fedfs init` first") from None
         digest = hashlib.sha256(data).hexdigest()
         if pin and pin != digest:
             raise IntegrityError(f"{where}: sha256 {digest} differs from the pinned {pin} (federation replaced?)")

@@ -42,7 +42,11 @@ def test_s3_error_table(s3_url):
         (NoCredentialsError(), True, StoreUnavailable, f"{where}: NoCredentialsError: Unable to locate credentials"),
         (EndpointConnectionError(endpoint_url="http://x"), True, StateUnknown, None),
         (EndpointConnectionError(endpoint_url="http://x"), False, StoreUnavailable, None),
-        (_client_error("InternalError"), False, StoreError, None),
+        (_client_error("AccessDenied"), False, StoreError, None),
+        # 5xx and throttling: retried by the daemons (StoreUnavailable), unknown outcome for a write
+        (translate_boto_error(_client_error("InternalError")), False, StoreUnavailable, None),
+        (_client_error("SlowDown"), False, StoreUnavailable, None),
+        (_client_error("ServiceUnavailable"), True, StateUnknown, None),
     ]
     for exc, writing, cls, message in cases:
         err = translate(store, exc, "k.json", writing=writing)

@@ -57,6 +57,10 @@ class Store(ABC):
     local_path: str | None = None
     #: This backend's own exceptions, tried before :data:`OS_ERRORS` (see :func:`translate`).
     error_table: ClassVar[ErrorTable] = ()
+    #: The storage options (``-so KEY=VALUE``) this backend takes; ``open_store`` refuses others.
+    accepted_options: ClassVar[frozenset[str]] = frozenset()
+    #: What this backend is, for messages ("an S3 bucket").
+    kind: ClassVar[str] = "this bucket"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -156,6 +160,11 @@ class Store(ABC):
             )
         os.replace(tmp, local_path)
         return digest
+
+    def missing_root(self) -> str | None:
+        """Why the bucket itself is absent (no such folder, no such S3 bucket), or None when it
+        exists or the backend cannot tell. Asked once, after a file expected there was not found."""
+        return None
 
     def describe(self, key: str) -> str:
         """A human name for ``key`` in this store, for error messages."""

@@ -37,20 +37,26 @@ class LocalStore(Store):
     #: A folder raises only OSErrors: the generic table (base.OS_ERRORS) is this backend's table.
     error_table = ()
 
-    def __init__(self, url: str, root: str, **options: object) -> None:
-        super().__init__(url)
-        if options:
-            from ..errors import ConfigError
+    kind = "a folder bucket"
 
-            raise ConfigError(f"{url}: a folder bucket takes no storage options (got {', '.join(sorted(options))})")
+    def __init__(self, url: str, root: str, *, create: bool = True) -> None:
+        """``create=False`` (read-only commands, opening a federation) leaves a missing folder missing:
+        a mistyped path must not appear on disk; :meth:`missing_root` then names it."""
+        super().__init__(url)
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
         self.local_path = self.root
         self.real_root = os.path.realpath(self.root)
         self.publish_mechanism = "link"
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
+
+    def missing_root(self) -> str | None:
+        if os.path.isdir(self.root):
+            return None
+        return f"{self.root}: no such folder (a mistyped path? `fedfs init` creates the bucket folder)"
 
     def _tmp_for(self, path: str) -> str:
         d, name = os.path.split(path)

@@ -36,6 +36,7 @@ class MemoryStore(Store):
 
     scheme = "memory"
     publish_mechanism = "lock"
+    kind = "a memory bucket"
 
     def __init__(self, files: dict[str, bytes] | None = None, *, name: str = "memory",
                  read_only: bool = False) -> None:

@@ -43,14 +43,30 @@ def _code_in(*codes: str) -> Callable[[BaseException], bool]:
     return lambda exc: s3_error_code(exc) in codes
 
 
+#: S3 codes of a server that is failing or throttling (HTTP 500/503), not refusing.
+_BUSY_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+               "RequestTimeout", "500", "503")
+
 #: botocore/s3fs exceptions -> fedfs outcomes (tried before base.OS_ERRORS).
 S3_ERRORS: ErrorTable = (
     Rule(Exception, Outcome.CONFLICT, when=_code_in("PreconditionFailed", "412")),
     Rule(Exception, Outcome.NOT_FOUND, when=_code_in("NoSuchKey", "NotFound", "404")),
+    # a server error or throttling, after botocore's own retries: the daemons wait and retry
+    Rule(Exception, Outcome.CONNECTION_LOST, when=_code_in(*_BUSY_CODES)),
     Rule((boto.NoCredentialsError, boto.PartialCredentialsError), Outcome.UNAVAILABLE),
     Rule((boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ProxyConnectionError,
           boto.ReadTimeoutError, boto.ConnectionClosedError), Outcome.CONNECTION_LOST),
 )
+
+
+#: s3fs.S3FileSystem's keyword arguments, fsspec's cache switches and ``profile`` (its session's):
+#: anything else would reach aiobotocore's session as a bare TypeError.
+S3_OPTIONS = frozenset({
+    "anon", "endpoint_url", "key", "secret", "token", "use_ssl", "client_kwargs", "requester_pays",
+    "default_block_size", "default_fill_cache", "default_cache_type", "version_aware", "config_kwargs",
+    "s3_additional_kwargs", "session", "username", "password", "cache_regions", "max_concurrency",
+    "fixed_upload_size", "profile", "use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache",
+})
 
 
 class S3Store(Store):
@@ -58,6 +74,8 @@ class S3Store(Store):
 
     scheme = "s3"
     error_table = S3_ERRORS
+    accepted_options = S3_OPTIONS
+    kind = "an S3 bucket"
 
     def __init__(self, url: str, bucket_path: str, **options: Any) -> None:
         super().__init__(url)
@@ -79,6 +97,17 @@ class S3Store(Store):
 
     def _p(self, key: str) -> str:
         return f"{self.prefix}/{key}" if key else self.prefix
+
+    def missing_root(self) -> str | None:
+        """One HeadBucket: a missing bucket is named as such, not as a missing federation."""
+        bucket = self.prefix.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+            return None
+        except Exception as exc:  # denied or unreachable: the caller's own error says enough
+            if not isinstance(exc, FileNotFoundError) and s3_error_code(exc) not in ("NoSuchBucket", "NotFound", "404"):
+                return None
+        return f"s3://{bucket}: no such bucket at {self.endpoint} (a mistyped name or endpoint? create the bucket first)"
 
     def _read(self, key: str, max_size: int | None) -> bytes:
         if max_size is None:

@@ -58,7 +58,7 @@ from smbprotocol.header import NtStatus
 
 from ..errors import NotFound
 from .base import CHUNK, ErrorTable, Outcome, Rule, Store, too_large, translate_errors
-from .smb_session import SMBLocation, SMBSession
+from .smb_session import OPTIONS, SMBLocation, SMBSession
 
 __all__ = ["SMBStore", "SMB_ERRORS", "is_temp_name"]
 
@@ -133,6 +133,8 @@ class SMBStore(Store):
 
     scheme = "smb"
     error_table = SMB_ERRORS
+    accepted_options = OPTIONS
+    kind = "an SMB bucket"
 
     def __init__(self, url: str, **options: Any) -> None:
         location = SMBLocation.parse(url, options)
