@@ -182,9 +182,9 @@ def demo(workdir: str | None, as_json: bool, rounds: int | None, local_epochs: i
 
 def _register() -> None:
     from .roles import aggregator, site
-    from .tools import bundle_group, export, report_command, simulate, status_command
+    from .tools import bundle_group, export, report_command, simulate, status_command, synth
 
-    for cmd in (site, aggregator, simulate, export, status_command, report_command, bundle_group):
+    for cmd in (site, aggregator, simulate, export, status_command, report_command, bundle_group, synth):
         main.add_command(cmd)
 
 

@@ -99,10 +99,6 @@ pin_storage_config = apply([_pin_option, _env_storage_option, config_option])
 readonly_options = apply([optional_url, pin_storage_config])
 
 
-def _has_cuda_hint() -> bool:
-    return os.path.exists("/dev/nvidiactl")
-
-
 #: The nnUNetv2_plan_and_preprocess / nnUNetv2_train options a site takes.
 nnunet_options = apply([
     opt("-d", "dataset", required=False, help="nnU-Net dataset id or name, as for nnUNetv2_train."),
@@ -113,8 +109,10 @@ nnunet_options = apply([
     opt("-p", "plans", default="nnUNetPlans", show_default=True, help="Plans identifier."),
     opt("-pl", "planner", default="ExperimentPlanner", show_default=True, help="Experiment planner class."),
     opt("-gpu_memory_target", "gpu_memory_target", type=float, default=None, help="GPU memory target (GB) for planning."),
-    opt("-device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default="cuda" if _has_cuda_hint() else "cpu",
-        show_default=True),
+    opt("-device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+        help="As nnUNetv2_train -device (default: cuda). Unset and no CUDA device: the CPU, with a warning "
+             "at start; an explicit cuda or mps that torch cannot use is an error. Pick the GPU with "
+             "CUDA_VISIBLE_DEVICES."),
     opt("-np", "num_processes", type=int, default=None, help="Processes for preprocessing."),
     opt("-npfp", "num_processes_fingerprint", type=int, default=None, help="Processes for fingerprinting."),
     opt("--verify_dataset_integrity", "verify_dataset_integrity", is_flag=True),

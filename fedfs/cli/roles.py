@@ -60,6 +60,24 @@ def _set_up_only(result: Any) -> bool:
     return result.action not in ("census", "fingerprint")
 
 
+def _training_device(device: str | None) -> str:
+    """The device a site trains on, said once at start, and ``nnUNet_n_proc_DA`` when it is unset
+    (docs/site-guide.md): resolved here, at run time, so ``fedfs --help`` never imports torch."""
+    import os
+
+    from ..nnunet.build import NO_CUDA, default_n_proc_da, resolve_device
+
+    name, line = resolve_device(device)
+    log = logging.getLogger("fedfs.nnunet")
+    (log.warning if line == NO_CUDA else log.info)("%s", line)
+    if not os.environ.get("nnUNet_n_proc_DA"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["nnUNet_n_proc_DA"] = str(default_n_proc_da(name, cores))
+        log.info("nnUNet_n_proc_DA unset: %s data augmentation workers (%s on %d cores; set it to override)",
+                 os.environ["nnUNet_n_proc_DA"], name, cores)
+    return name
+
+
 def make_site(url: str | None, key: str | None, workdir: str | None, federation_digest: str | None,
               storage_options: tuple[str, ...], *, dataset: str | None, configuration: str | None,
               no_final_validation: bool, **nnunet: Any):
@@ -76,6 +94,7 @@ def make_site(url: str | None, key: str | None, workdir: str | None, federation_
     conf = configuration or fed.config.configuration
     if conf != fed.config.configuration:
         raise ConfigError(f"the federation trains {fed.config.configuration!r}, not {conf!r}")
+    nnunet["device"] = _training_device(nnunet.get("device"))
     fields = {f.name for f in dataclasses.fields(NnunetOptions)}
     options = NnunetOptions(dataset=str(dataset), configuration=conf, validate=not no_final_validation,
                             **{k: v for k, v in nnunet.items() if k in fields})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -234,3 +235,51 @@ def bundle_import(bundle: str, url: str | None, pin: str | None, storage_options
     if not url:
         raise ConfigError("no bucket URL: give it as an argument, in FEDFS_URL or as url in --config")
     click.echo(str(import_bundle(bundle, url, pin=pin, storage_options=storage_options_of(storage_options))))
+
+
+@click.command("synth", context_settings=CONTEXT)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for OUT/nnUNet_raw (the datasets) and OUT/heldout (test cases, outside the raw data).")
+@click.option("--sites", "n_sites", type=click.IntRange(1, 26), default=2, show_default=True,
+              help="How many sites' datasets to write, each with its own scanner style.")
+@click.option("--base-id", type=click.IntRange(1, 999), default=501, show_default=True,
+              help="nnU-Net dataset id of the first site; the others count up from it.")
+@click.option("--names", default=None, help="Comma-separated dataset names (default SiteA,SiteB,...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace datasets of the same ids already in OUT/nnUNet_raw.")
+def synth(out_dir: str, n_sites: int, base_id: int, names: str | None, seed: int, overwrite: bool) -> None:
+    """Write tiny synthetic 2D nnU-Net raw datasets, one per site, to try fedfs out.
+
+    Each site gets a raw dataset (imagesTr, labelsTr, dataset.json with the
+    same channel and label names at every site) and held-out cases for
+    nnUNetv2_predict; sites differ in intensities, spacing and artefacts.
+
+    \b
+    Example:
+      fedfs synth -o /tmp/try --sites 2 --base-id 501
+      export nnUNet_raw=/tmp/try/nnUNet_raw
+    """
+    from ..testing.synthetic import make_federation
+
+    out = Path(out_dir)
+    raw = out / "nnUNet_raw"
+    chosen = [n.strip() for n in names.split(",")] if names else None
+    if chosen is not None and len(chosen) != n_sites:
+        raise ConfigError(f"--names gives {len(chosen)} names for --sites {n_sites}")
+    if base_id + n_sites - 1 > 999:
+        raise ConfigError(f"--base-id {base_id} with {n_sites} sites passes nnU-Net's largest id, 999")
+    taken = sorted(p.name for i in range(base_id, base_id + n_sites) for p in raw.glob(f"Dataset{i:03d}_*"))
+    if taken and not overwrite:
+        raise ConfigError(f"{raw}: already holds {', '.join(taken)}; pass --overwrite to replace them "
+                          "or pick another --base-id")
+    for name in taken:  # another name under the same id would make nnU-Net's -d ambiguous
+        shutil.rmtree(raw / name)
+    try:
+        sites = make_federation(raw, n_sites=n_sites, base_id=base_id, seed=seed, names=chosen,
+                                test_root=out / "heldout")
+    except ValueError as exc:
+        raise ConfigError(f"--names: {exc}") from None
+    for s in sites:
+        click.echo(f"{s.dataset_name}: -d {s.dataset_id}, {s.n_train} training cases in {s.dataset_dir}; "
+                   f"{s.n_test} held-out in {s.images_ts} (labels {s.labels_ts})")
+    click.echo(f"export nnUNet_raw={raw}")

@@ -28,7 +28,8 @@ from ..errors import ConfigError, NnunetError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NNUNET_ENV_VARS", "trainer_search_path", "nnunet_env", "env_snapshot", "torch_device", "build_trainer"]
+__all__ = ["NNUNET_ENV_VARS", "trainer_search_path", "nnunet_env", "env_snapshot", "resolve_device", "torch_device",
+           "default_n_proc_da", "build_trainer"]
 
 #: Environment variables nnU-Net reads while it trains; a session snapshots and re-applies them.
 NNUNET_ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
@@ -67,6 +68,46 @@ def env_snapshot(extra: Mapping[str, str] | None = None) -> dict[str, str]:
             raise NnunetError(f"{var} is not set: nnU-Net needs it to train "
                               "(see nnU-Net's documentation/setting_up_paths.md)")
     return snapshot
+
+
+#: nnUNetv2_train's -device default (nnunetv2.run.run_training).
+DEFAULT_DEVICE = "cuda"
+NO_CUDA = "no CUDA device: training on the CPU (pass -device cpu to silence this)"
+
+
+def resolve_device(requested: str | None) -> tuple[str, str]:
+    """The device a site trains on and a line saying which, for ``-device`` given as ``requested``.
+
+    Unset (None) means nnUNetv2_train's default, ``cuda``; when torch sees no CUDA device it
+    falls back to the CPU and the line says so (the caller logs it as a warning). An explicit
+    ``cuda`` or ``mps`` that torch cannot use is a :class:`ConfigError`: a hospital that asked
+    for its GPU should not train for days on the CPU without noticing.
+    """
+    import torch
+
+    if requested not in (None, "cpu", "cuda", "mps"):
+        raise ConfigError(f"-device must be 'cpu', 'cuda' or 'mps' (as nnUNetv2_train -device), got {requested!r}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    if requested in (None, "cuda"):
+        if torch.cuda.is_available():
+            return "cuda", f"training on cuda: {torch.cuda.device_count()} visible GPU(s){where}"
+        if requested is None:
+            return "cpu", NO_CUDA
+        raise ConfigError(f"-device cuda, but torch sees no CUDA device{where}: check the driver (nvidia-smi) "
+                          "and CUDA_VISIBLE_DEVICES, or pass -device cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("-device mps, but torch sees no Apple GPU (MPS): pass -device cpu")
+    return requested, f"training on {requested}"
+
+
+def default_n_proc_da(device: str, cores: int) -> int:
+    """``nnUNet_n_proc_DA`` for a site that left it unset: nnU-Net's own default (12 workers, whatever
+    the machine) oversubscribes small machines, so 0 (augmentation in the training process) on the
+    CPU, where torch already uses every core, and on 2 cores or fewer; else 12 capped at cores - 1."""
+    if device == "cpu" or cores <= 2:
+        return 0
+    return min(12, cores - 1)
 
 
 def torch_device(device: str, num_threads: int | None = None) -> torch.device:
