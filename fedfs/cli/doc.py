@@ -11,12 +11,26 @@ import click
 HEADER = """# Command-line reference
 
 Generated from the code by `python -m fedfs.cli.doc > docs/cli.md` (a test keeps it in sync).
-Every option can also be given as an environment variable `FEDFS_<OPTION>` and, for role
-commands, as a key in a TOML file passed with `--config`.
+The commands that take `--config FILE` read option defaults from that TOML file, and most of
+their options from an environment variable as well; the table under each command lists the
+variable and the key of every option (a flag on the command line wins over the environment,
+which wins over the file). Keys are written `key = value` (`-` and `_` are the same in a key).
+
+Typos are errors, not silently ignored. A TOML key that no fedfs command takes, or a `FEDFS_*`
+variable that nothing reads, stops the command with the file or variable and the closest
+known name (`FEDFS_NP`: did you mean `FEDFS_NUM_PROCESSES`?). One file may serve several
+commands (a `site.toml` for `fedfs site run` and `fedfs export`): a key that another command
+takes (`watch` for `fedfs export`) is accepted and unused.
 
 ## Exit codes
 
 {codes}
+
+## Other environment variables
+
+Read outside the commands' options (every other `FEDFS_*` variable is an error):
+
+{variables}
 """
 
 
@@ -26,6 +40,22 @@ def _context(cmd: click.Command, name: str) -> click.Context:
     return click.Context(cmd, info_name=name, **settings)
 
 
+def _sources(cmd: click.Command) -> list[str]:
+    """A table of where ``cmd``'s options may also come from: environment variable and TOML key."""
+    from .strict import PREFIX, toml_key
+
+    config = any(p.name == "config" for p in cmd.params)
+    rows = []
+    for p in cmd.params:
+        env = [v for v in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or []) if v.startswith(PREFIX)]
+        if p.name == "config" or not (env or config):
+            continue
+        flag = ", ".join(p.opts) if isinstance(p, click.Option) else p.human_readable_name
+        rows.append(f"| `{flag}` | {', '.join(f'`{v}`' for v in env) or '–'} | "
+                    f"{f'`{toml_key(p)}`' if config else '–'} |")
+    return ["", "| option | environment | `--config` key |", "|---|---|---|", *rows] if rows else []
+
+
 def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
     ctx = _context(cmd, " ".join(path))
     if path[1:]:
@@ -33,6 +63,7 @@ def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
         out.append("```text")
         out.append(cmd.get_help(ctx).rstrip())
         out.append("```")
+        out.extend(_sources(cmd))
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.list_commands(ctx)):
             _walk(cmd.get_command(ctx, name), path + [name], out)
@@ -42,8 +73,12 @@ def render() -> str:
     from ..errors import EXIT_CODES
     from .app import main
 
+    from .strict import OTHER_VARIABLES
+
     codes = "\n".join(["| code | meaning |", "|---|---|", *(f"| {c} | {m} |" for c, m in EXIT_CODES.items())])
-    out = [HEADER.format(codes=codes).rstrip(), "\n## `fedfs`\n", "```text",
+    variables = "\n".join(["| variable | read for |", "|---|---|",
+                           *(f"| `{v}` | {what} |" for v, what in sorted(OTHER_VARIABLES.items()))])
+    out = [HEADER.format(codes=codes, variables=variables).rstrip(), "\n## `fedfs`\n", "```text",
            main.get_help(_context(main, "fedfs")).rstrip(), "```"]
     _walk(main, ["fedfs"], out)
     return "\n".join(out) + "\n"

@@ -2,8 +2,9 @@
 
 Every option of a role command may also come from the environment (``FEDFS_<OPTION>``,
 e.g. ``FEDFS_DATASET``) or from a TOML file given with ``--config`` (keys are option
-names, e.g. ``dataset = "501"``). Choices come from the protocol's vocabulary
-(:mod:`fedfs.protocol.schema`), so the CLI never re-types a mode or a rule.
+names, e.g. ``dataset = "501"``); unknown keys and variables are errors (:mod:`.strict`).
+Choices come from the protocol's vocabulary (:mod:`fedfs.protocol.schema`), so the CLI
+never re-types a mode or a rule.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ role_choice = click.Choice(list(ROLES))
 
 
 def load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--config FILE``: TOML keys become option defaults (flags and the environment still win)."""
+    """``--config FILE``: TOML keys become option defaults (flags and the environment still win).
+    An unknown key or ``FEDFS_*`` variable is an error (:mod:`fedfs.cli.strict`)."""
+    from .strict import check_environment, config_defaults
+
+    if not ctx.resilient_parsing:
+        check_environment(os.environ, ctx)
     if not value:
         return value
     import tomllib
@@ -48,7 +54,7 @@ def load_config(ctx: click.Context, _param: click.Parameter, value: str | None) 
     for secret in ("password", "secret", "aws_secret_access_key", "private_key"):
         if secret in data:
             raise ConfigError(f"{value}: secrets do not belong in a config file ({secret}); use the environment")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+    ctx.default_map = {**(ctx.default_map or {}), **config_defaults(value, data, ctx)}
     return value
 
 
