@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from ..errors import FedfsError
 from ..protocol import layout
 from ..protocol.timestamps import parse_stamp_or_none
 from .reader import VerifiedReader
-from .status import federation_summary, pick_metrics
+from .status import age_s, aggregator_liveness, federation_summary, is_silent, pick_metrics
 
 if TYPE_CHECKING:
     from ..federation import Federation
@@ -35,6 +36,7 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
 
     c = fed.config
     r = VerifiedReader(fed)
+    now = time.time()
     globals_: list[dict[str, Any]] = []
     for v, g in r.documents(layout.GLOBALS_PREFIX, layout.parse_version_key, GlobalManifest):
         globals_.append({"version": v, "signed_at": g.signed_at, "t": parse_stamp_or_none(g.signed_at),
@@ -69,6 +71,9 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
         sites[site] = {
             "phase": hb.doc.phase if hb else None, "message": hb.doc.message if hb else "",
             "heartbeat_at": hb.signed_at if hb else None,
+            "heartbeat_age_s": age_s(hb.signed_at if hb else None, now),
+            "silent": is_silent(hb.doc.phase if hb else None, age_s(hb.signed_at if hb else None, now), False),
+            "metrics": dict(hb.doc.metrics) if hb else {},
             "cases": census.doc.num_cases if census else None,
             "plans": None if plans is None else {
                 "identifier": plans.doc.plans_identifier, "configuration": plans.doc.configuration,
@@ -88,6 +93,10 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
         "config": {**federation_summary(c), "weighting": c.weighting, "align": c.align, "buffer_size": c.k,
                    "buffer_trigger": c.buffer_trigger, "max_staleness": c.max_staleness, "created": c.created},
         "globals": globals_, "updates": updates, "sites": sites, "rejected": rejected,
+        "aggregator": aggregator_liveness(
+            r, c.aggregator.name, final=bool(globals_) and globals_[-1]["final"],
+            global_age_s=age_s(globals_[-1]["signed_at"], now) if globals_ else None,
+            waiting=[f"{u['site']}'s update r{u['round']}" for u in updates if u["state"] == "pending"], now=now),
         "census": None if census is None else {"total_cases": census.doc.total_cases,
                                                "num_channels": census.doc.num_channels, "sites": census.doc.sites},
         "fingerprint": None if gfp is None else fingerprint_summary(gfp.doc.fingerprint, gfp.doc.total_cases,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import layout
 from .history import collect_history
 from .plots import PLOT_IDS, latest_sharing, make_plots, round_durations, site_color, time_unit
-from .status import short_reason
+from .status import SILENT_AFTER_S, human_age, short_reason
 
 if TYPE_CHECKING:
     from ..federation import Federation
@@ -236,12 +236,38 @@ def _sites(d: dict[str, Any]) -> str:
         rows.append([f"<b style='color:{site_color(sites, s)}'>■</b> {_e(s)}", _fmt(info["cases"]),
                      _phase_pill(info["phase"]) + (f" <span class='muted'>{_e(info['message'])}</span>"
                                                    if info["message"] else ""),
-                     _when(info["heartbeat_at"]) if info["heartbeat_at"] else "–",
+                     _heartbeat(info),
                      str(len(mine)), _fmt(lastu["named"]["train_loss"] if lastu else None),
                      _fmt(lastu["named"]["pseudo_dice"] if lastu else None, ".3f"),
                      f"<span class='pill bad'>{rej}</span>" if rej else "0"])
     return _table(["Site", "Cases", "Phase", "Last heartbeat (UTC)", "Updates", "Last train loss",
-                   "Last pseudo-Dice", "Rejected"], rows, num={1, 4, 5, 6})
+                   "Last pseudo-Dice", "Rejected"], rows, num={1, 4, 5, 6}) + _aggregator_line(d)
+
+
+def _heartbeat(info: dict[str, Any]) -> str:
+    """The heartbeat's stamp, its age when the report was made, and a "silent" pill past SILENT_AFTER_S."""
+    if not info.get("heartbeat_at"):
+        return "–"
+    age = f" <span class='muted'>({_e(human_age(info.get('heartbeat_age_s')))})</span>"
+    pill = (f" <span class='pill bad' title='no heartbeat for over {SILENT_AFTER_S / 60:.0f} min: killed, hung or "
+            "switched off?'>silent</span>" if info.get("silent") else "")
+    return _when(info["heartbeat_at"]) + age + pill
+
+
+def _aggregator_line(d: dict[str, Any]) -> str:
+    """The aggregator's last heartbeat, and a warning when it looks dead while updates wait."""
+    a = d.get("aggregator")
+    if not a:
+        return ""
+    beat = (f"{_e(a['phase'])}, last heartbeat {_when(a['heartbeat_at'])} UTC "
+            f"({_e(human_age(a.get('heartbeat_age_s')))})" if a.get("heartbeat_at") else "no heartbeat")
+    line = f"<p class='muted'>Aggregator <b>{_e(a['name'])}</b>: {beat}.</p>"
+    if a.get("dead"):
+        line += (f"<p><span class='pill bad'>aggregator silent</span> <span class='reason'>no sign of it for "
+                 f"{_e(human_age(a['activity_age_s']).removesuffix(' ago'))} while "
+                 f"{_e(', '.join(a['waiting_on_it'][:6]))} wait(s): is <code>fedfs aggregator run</code> still "
+                 "running?</span></p>")
+    return line
 
 
 def _versions(d: dict[str, Any]) -> str:

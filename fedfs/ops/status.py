@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ..federation import Federation
     from ..protocol.schema import FederationConfig
 
-__all__ = ["collect_status", "render_status", "short_reason", "pick_metrics", "federation_summary", "METRIC_NAMES"]
+__all__ = ["collect_status", "render_status", "short_reason", "pick_metrics", "federation_summary", "METRIC_NAMES",
+           "SILENT_AFTER_S", "age_s", "aggregator_liveness", "is_silent"]
 
 #: The metrics ``fedfs status`` shows, and the names sites may report them under.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
@@ -33,6 +34,12 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "pseudo_dice": ("pseudo_dice", "val_pseudo_dice"),
     "epoch_time": ("epoch_time_s", "epoch_time"),
 }
+#: A running party refreshes its heartbeat at least once a minute (``fedfs.roles.heartbeat``), during
+#: long steps too, and a daemon steps at every poll. A heartbeat older than this (ten refreshes, also
+#: twice a 5-minute poll interval) while the federation runs means the party was killed, hangs, or
+#: its machine is off: status and report flag it "silent". A party run from cron less often than this
+#: shows as silent between its runs.
+SILENT_AFTER_S = 600.0
 #: How far past the cursor, and how far before it, status looks for a site's newest update.
 _PROBE_AHEAD = 4
 _PROBE_BACK = 3
@@ -58,6 +65,42 @@ def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
     for name, aliases in METRIC_NAMES.items():
         out[name] = next((float(metrics[a]) for a in aliases if a in metrics), None)
     return out
+
+
+def is_silent(phase: str | None, age_s: float | None, final: bool) -> bool:
+    """True for a party whose last heartbeat is older than :data:`SILENT_AFTER_S` while it still has
+    work to do (not "done", and for the aggregator: the federation not final)."""
+    return age_s is not None and age_s > SILENT_AFTER_S and not final and phase != "done"
+
+
+def age_s(stamp: str | None, now: float) -> float | None:
+    """Seconds from a protocol stamp (a file's ``signed_at``) to ``now``; None without a stamp."""
+    t = parse_stamp_or_none(stamp) if stamp else None
+    return None if t is None else round(max(0.0, now - t), 1)
+
+
+def aggregator_liveness(r: VerifiedReader, name: str, *, final: bool, global_age_s: float | None,
+                        waiting: list[str], now: float) -> dict[str, Any]:
+    """The aggregator's heartbeat and last activity (its heartbeat or newest global, whichever is
+    newer); "dead" when that is older than SILENT_AFTER_S while ``waiting`` (updates, sites) need it."""
+    from ..protocol.schema import Heartbeat
+
+    hb = r.read(layout.AGG_HEARTBEAT, Heartbeat)
+    hb_age = age_s(hb.signed_at if hb else None, now)
+    ages = [a for a in (hb_age, global_age_s) if a is not None]
+    activity = min(ages) if ages else None
+    phase = hb.doc.phase if hb else None
+    return {"name": name, "phase": phase, "message": hb.doc.message if hb else "",
+            "heartbeat_at": hb.signed_at if hb else None, "heartbeat_age_s": hb_age, "activity_age_s": activity,
+            "waiting_on_it": waiting, "dead": bool(waiting) and is_silent(phase, activity, final)}
+
+
+def _waiting_on_aggregator(sites: dict[str, Any]) -> list[str]:
+    """Sites' updates not yet folded, and live sites waiting with no update out (set-up, v0)."""
+    out = [f"{n}'s update r{s['last_update']['round']}" for n, s in sites.items()
+           if s["last_update"] is not None and not s["last_update"]["aggregated"]]
+    return out + [f"{n} ({s['message'] or 'waiting'})" for n, s in sites.items()
+                  if s["phase"] == "waiting" and not s["silent"] and s["last_update"] is None]
 
 
 def _latest_version(r: VerifiedReader) -> int | None:
@@ -101,11 +144,10 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     next_rounds: dict[str, int] = {}
     if current is not None:
         doc = current.doc
-        t = parse_stamp_or_none(current.signed_at)
         glob.update(
             final=doc.is_final(c.rounds),
             published_at=current.signed_at,
-            age_s=None if t is None else round(max(0.0, now - t), 1),
+            age_s=age_s(current.signed_at, now),
             contributions=[{"site": x.site, "round": x.round, "base_version": x.base_version,
                             "staleness": x.staleness, "weight": x.weight} for x in doc.contributions],
             rule=doc.report.get("rule"),
@@ -128,7 +170,6 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
             phase = "unknown (heartbeat does not verify)"
         else:
             phase = _inferred_phase(r, site, plans)
-        hb_t = parse_stamp_or_none(hb.signed_at) if hb is not None else None
         trained_from = update.doc.base_version if update is not None else None
         if trained_from is None and hb is not None and hb.doc.base_version >= 0:
             trained_from = hb.doc.base_version
@@ -137,11 +178,13 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         rejected = [x for x in rejected_by_agg if x["key"].startswith(prefix)] + own_rejected
         if plans is not None:
             digests[site] = plans.doc.digest
+        hb_age = age_s(hb.signed_at if hb is not None else None, now)
         sites[site] = {
             "phase": phase,
             "message": hb.doc.message if hb is not None else "",
             "heartbeat_at": hb.signed_at if hb is not None else None,
-            "heartbeat_age_s": None if hb_t is None else round(max(0.0, now - hb_t), 1),
+            "heartbeat_age_s": hb_age,
+            "silent": is_silent(phase, hb_age, False),
             "trained_from": trained_from,
             "staleness": (version - trained_from) if version is not None and trained_from is not None else None,
             "last_update": None if update is None else {
@@ -166,6 +209,9 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "federation": federation_summary(c),
         "setup": setup,
         "global": glob,
+        "aggregator": aggregator_liveness(r, c.aggregator.name, final=glob["final"], global_age_s=glob["age_s"],
+                                          waiting=_waiting_on_aggregator(sites), now=now),
+        "silent_after_s": SILENT_AFTER_S,
         "sites": sites,
         "rejected": [x for x in rejected_by_agg if not x["key"].startswith(layout.SITES + "/")],
         "problems": r.problems,
@@ -211,6 +257,31 @@ _PHASE_STYLE = {"training": "cyan", "published": "green", "done": "bold green", 
                 "planning": "cyan", "planned": "green", "finishing": "cyan"}
 
 
+def _liveness_lines(d: dict[str, Any]) -> list[Any]:
+    """The aggregator's heartbeat, and a red line per silent party saying what to check."""
+    from rich.text import Text
+
+    a = d.get("aggregator") or {}
+    limit = human_age(d.get("silent_after_s", SILENT_AFTER_S)).removesuffix(" ago")
+    lines: list[Any] = []
+    if a:
+        beat = (f"{a['phase']}, heartbeat {human_age(a['heartbeat_age_s'])}" if a.get("phase")
+                else "no heartbeat yet")
+        lines.append(Text(f"Aggregator {a['name']}: {beat}" + (f" ({a['message']})" if a.get("message") else ""),
+                          style="bold red" if a.get("dead") else "dim"))
+        if a.get("dead"):
+            lines.append(Text(f"  DEAD? no sign of the aggregator for {human_age(a['activity_age_s']).removesuffix(' ago')} "
+                              f"(over {limit}) while {', '.join(a['waiting_on_it'][:4])} wait(s) for it: is "
+                              "`fedfs aggregator run` still running? Restart it; it resumes where it stopped.",
+                              style="bold red"))
+    for name, s in d["sites"].items():
+        if s.get("silent"):
+            lines.append(Text(f"Site {name} is silent: its last heartbeat ({s['phase']}) is "
+                              f"{human_age(s['heartbeat_age_s'])}, over {limit}: is its `fedfs site run` still "
+                              "running? Restart it; it resumes where it stopped.", style="bold red"))
+    return lines
+
+
 def render_status(d: dict[str, Any]) -> Any:
     """A rich renderable: federation summary, one row per site, contributions, rejections, problems."""
     from rich.console import Group
@@ -244,11 +315,14 @@ def render_status(d: dict[str, Any]) -> Any:
                         for x in s["rejected"][-3:])
         if len(s["rejected"]) > 3:
             rej = f"({len(s['rejected'])} in all) " + rej
-        t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")), human_age(s["heartbeat_age_s"]),
+        beat = Text(human_age(s["heartbeat_age_s"]) + (" SILENT" if s.get("silent") else ""),
+                    style="bold red" if s.get("silent") else "")
+        t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")), beat,
                   "-" if s["trained_from"] is None else f"v{s['trained_from']}",
                   _num(s["staleness"], "{}"), _num(m["train_loss"]), _num(m["pseudo_dice"], "{:.3f}"),
                   _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"))
     parts.append(t)
+    parts.extend(_liveness_lines(d))
 
     if g["contributions"]:
         ct = Table(title=f"Contributions to v{g['version']} ({g['rule'] or 'initial'})", title_justify="left")

@@ -130,6 +130,8 @@ CENSUS = AGG_PREFIX + "fingerprint/census.json"
 GLOBAL_FINGERPRINT = AGG_PREFIX + "fingerprint/global.json"
 LATEST = AGG_PREFIX + "latest.json"
 AGG_STATUS = AGG_PREFIX + "status.json"
+#: A mutable hint: the aggregator's phase and last sign of life (as a site's heartbeat.json).
+AGG_HEARTBEAT = AGG_PREFIX + "heartbeat.json"
 GLOBALS_PREFIX = AGG_PREFIX + "globals/"
 
 

@@ -29,6 +29,7 @@ from ..protocol.schema import GlobalManifest, LatestHint
 from ..protocol.timestamps import parse_stamp
 from ..trust.bucket import Signed
 from .context import FederationContext
+from .heartbeat import HeartbeatWriter
 from .inputs import MAX_WEIGHTS_BYTES, VerifiedInputs
 from .merge import next_global
 from .quarantine import Quarantine
@@ -54,6 +55,7 @@ class Aggregator:
         self.quarantine = Quarantine(self.bucket, layout.AGG_STATUS, self.identity, logger=log)
         self.inputs = VerifiedInputs(fed, self.work / "cache", self.quarantine)
         self.setup = SetupPhase(fed, self.identity, self.inputs, self.quarantine, self._commit)
+        self.liveness = HeartbeatWriter(self.bucket, layout.AGG_HEARTBEAT, self.identity)
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -65,17 +67,21 @@ class Aggregator:
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> StepResult:
-        """Do whatever is due now; never blocks waiting for sites."""
-        latest = self.latest_version()
-        if latest is None:
-            return self.setup.step()
-        return self._round_step(latest)
+        """Do whatever is due now; never blocks waiting for sites. Its heartbeat (refreshed during a
+        long merge) lets ``fedfs status`` tell a waiting aggregator from a dead one."""
+        with self.liveness.alive():
+            latest = self.latest_version()
+            result = self.setup.step() if latest is None else self._round_step(latest)
+        phase = "waiting" if result.action is Action.WAIT else result.action.value
+        self.liveness.beat(phase, result.detail[:300], base_version=-1 if result.version is None else result.version)
+        return result
 
     def run(self, **kw: Any) -> StepResult | None:
         """Step until the final global is out, waking on new files (see :func:`fedfs.roles.loop.run_role`)."""
         from .loop import run_role
 
-        return run_role(self.step, self.fed.store, **kw)
+        with self.liveness.alive():
+            return run_role(self.step, self.fed.store, **kw)
 
     def _round_step(self, version: int) -> StepResult:
         c = self.config

@@ -19,15 +19,42 @@ from ..store import Store
 from ..store.watch import Trigger, make_trigger
 from .steps import Action, StepResult
 
-__all__ = ["run_loop", "run_role"]
+__all__ = ["OUTAGE_LOG_EVERY_S", "Outage", "run_loop", "run_role"]
 
 log = logging.getLogger("fedfs.roles.loop")
+
+#: During a storage outage a daemon says "still unreachable" this often (seconds).
+OUTAGE_LOG_EVERY_S = 60.0
 
 Step = Callable[[], "StepResult | None"]
 
 
 def _terminal(result: StepResult) -> bool:
     return result.action.terminal
+
+
+class Outage:
+    """Logs a storage outage at its first failure, then every ``every_s``, and once when it ends
+    (a warning per poll would flood the log; silence would hide that the daemon is stuck)."""
+
+    def __init__(self, every_s: float = OUTAGE_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self.since: float | None = None
+        self._logged = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since = self._logged = now
+            log.warning("storage unreachable, retrying: %s", exc)
+        elif now - self._logged >= self.every_s:
+            self._logged = now
+            log.warning("storage still unreachable (%.0f s): %s", now - self.since, exc)
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.warning("storage reachable again after %.0f s", self.clock() - self.since)
+            self.since = None
 
 
 def run_loop(step: Step, trigger: Trigger | None = None, *, until: Callable[[StepResult], bool] | None = None,
@@ -44,6 +71,7 @@ def run_loop(step: Step, trigger: Trigger | None = None, *, until: Callable[[Ste
     until = until or _terminal
     stop = stop or threading.Event()
     idle_since = time.monotonic()
+    outage = Outage()
     result = None
     while not stop.is_set():
         try:
@@ -51,9 +79,10 @@ def run_loop(step: Step, trigger: Trigger | None = None, *, until: Callable[[Ste
         except (StoreUnavailable, StateUnknown) as exc:
             if trigger is None:
                 raise
-            log.warning("storage trouble, will retry: %s", exc)
+            outage.failed(exc)
             trigger.wait()
             continue
+        outage.recovered()
         if result is not None:
             if on_result is not None:
                 on_result(result)

@@ -33,12 +33,12 @@ from ..protocol.schema import (
     FingerprintSummary,
     GlobalFingerprint,
     GlobalManifest,
-    Heartbeat,
     PlansDocument,
     SiteCensus,
     UpdateManifest,
 )
 from .context import FederationContext
+from .heartbeat import HEARTBEAT_EVERY_S, HeartbeatWriter
 from .quarantine import Quarantine
 from .steps import Action, StepResult
 
@@ -46,8 +46,6 @@ __all__ = ["HEARTBEAT_EVERY_S", "LocalWork", "Site", "SiteState"]
 
 log = logging.getLogger("fedfs.roles.site")
 
-#: While idle, a site refreshes its heartbeat at most this often (seconds).
-HEARTBEAT_EVERY_S = 60.0
 
 
 class LocalWork(Protocol):
@@ -132,6 +130,7 @@ class Site:
         self.state = SiteState.load(self.state_path)
         self._started = False
         self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log)
+        self.liveness = HeartbeatWriter(self.bucket, layout.site_heartbeat(self.name), self.identity)
 
     @property
     def total_epochs(self) -> int:
@@ -141,23 +140,16 @@ class Site:
         self.state.save(self.state_path)
 
     def heartbeat(self, phase: str, message: str = "", **kw: Any) -> None:
-        """Write the heartbeat hint when the phase or message changes, else at most once a minute."""
-        now = time.monotonic()
-        sig = (phase, message)
-        if sig == getattr(self, "_last_hb", None) and now - getattr(self, "_last_hb_t", 0.0) < HEARTBEAT_EVERY_S:
-            return
-        self._last_hb, self._last_hb_t = sig, now
-        try:
-            self.bucket.write_mutable(layout.site_heartbeat(self.name),
-                                      Heartbeat(party=self.name, phase=phase, message=message, **kw), self.identity)
-        except Exception as exc:  # noqa: BLE001 - a heartbeat is a hint, never a reason to fail a step
-            log.warning("heartbeat not written: %s", exc)
+        """Write the heartbeat hint when the phase or message changes, else at most once a minute
+        (see :class:`~fedfs.roles.heartbeat.HeartbeatWriter`)."""
+        self.liveness.beat(phase, message, **kw)
 
     def run(self, **kw: Any) -> StepResult | None:
         """Step until this site has finished, waking on new files (see :func:`fedfs.roles.loop.run_role`)."""
         from .loop import run_role
 
-        return run_role(self.step, self.fed.store, **kw)
+        with self.liveness.alive():
+            return run_role(self.step, self.fed.store, **kw)
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> StepResult:
@@ -168,7 +160,8 @@ class Site:
         (``sites/<S>/status.json``) and the step reports "blocked"; the site keeps polling.
         """
         try:
-            return self._step()
+            with self.liveness.alive():  # a long round or final validation still shows signs of life
+                return self._step()
         except ValidationError as exc:
             self.quarantine.reject(exc.key or "-", str(exc))
             self.quarantine.flush()
