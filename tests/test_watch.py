@@ -163,3 +163,31 @@ def test_polling_grid_is_shared_by_every_party():
     # two parties whose clocks read 0.3 s and 1.3 s past a tick wait for the same next tick
     t1, t2 = Trigger(2.0, clock=lambda: 100.3), Trigger(2.0, clock=lambda: 101.3)
     assert abs(t1.next_delay() - 1.7) < 1e-9 and abs(t2.next_delay() - 0.7) < 1e-9
+
+
+def test_watchdog_is_quiet_at_start_and_after_a_clean_finish(tmp_path, caplog):
+    """Before: folders appearing while the recursive watch was set up (a site's first files) gave
+    RuntimeWarnings embedding the whole watch tree's repr (kBs each), and stopping the observer
+    logged an inotify ERROR ("queue_events() called when the thread is inactive") after a clean finish."""
+    import warnings
+
+    store = open_store(str(tmp_path))
+
+    def writer():
+        for i in range(300):
+            store.write_bytes(f"sites/S{i % 7}/d{i}/updates/r{i:06d}.json", b"{}")
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        thread = threading.Thread(target=writer)
+        thread.start()
+        triggers = [make_trigger(store, watch="inotify", poll_interval=0.1) for _ in range(5)]
+        thread.join()
+        for t in triggers:
+            t.close()
+        for k in range(30):
+            t = make_trigger(store, watch="inotify", poll_interval=0.1)
+            store.write_bytes(f"x{k}.json", b"1")
+            t.close()
+    assert not [w for w in seen if "watchdog" in w.filename], [str(w.message)[:200] for w in seen][:3]
+    assert not [r for r in caplog.records if r.name.startswith("watchdog")], caplog.text[:500]

@@ -16,12 +16,32 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from . import Store
 
 log = logging.getLogger("fedfs.store.watch")
+
+
+class _ShutdownRace(logging.Filter):
+    """Drops watchdog's ERROR "queue_events() called when the thread is inactive": its emitter
+    thread reading one last event while ``stop`` tears it down, after every clean finish."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in str(record.msg)
+
+
+def _quiet_watchdog() -> None:
+    """Silence watchdog's two harmless noises (watchdog 6-7), once per process: the shutdown race
+    above, and a RuntimeWarning "Callback with id ... already exists" when a folder appears while
+    the recursive watch is being set up (a site's first files), whose text embeds the repr of the
+    whole watch tree (several kB per folder)."""
+    inotify_log = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _ShutdownRace) for f in inotify_log.filters):
+        inotify_log.addFilter(_ShutdownRace())
+    warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning, module=r"watchdog\.")
 
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs",
               "fuse.glusterfs", "lustre", "gpfs", "beegfs", "fuse.s3fs", "fuse.rclone", "fuse.gcsfuse"}
@@ -96,6 +116,7 @@ class InotifyTrigger(Trigger):
         super().__init__(poll_interval)
         self.fallback_interval = poll_interval if fallback_interval is None else fallback_interval
         self.degraded = False
+        _quiet_watchdog()
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
