@@ -102,6 +102,10 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--weighting", type=weighting_choice, default="cases", show_default=True)
 @click.option("--update-norm-limit", type=float, default=0.0, show_default=True,
               help="Reject updates with ||update - base|| > LIMIT x ||base|| (0 = off; see docs/security.md).")
+@click.option("--keep-globals", type=int, default=3, show_default=True,
+              help="Retention: keep the weights of the last K globals (and the final one) and remove older "
+                   "globals' and folded updates' payloads; manifests stay (0 = keep everything; see "
+                   "docs/protocol.md, Retention).")
 @click.option("--align", type=align_choice, default="resolution", show_default=True,
               help="AsymFedAvg layer matching: by resolution level, or by name (the reference behaviour).")
 @storage_option
@@ -130,13 +134,18 @@ def init(url: str, sites: str, key_dir: str, storage_options: tuple[str, ...], *
 @url_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--prefix", default=None, help="Probe prefix (default doctor/HOST-RANDOM); a site may use sites/NAME/doctor.")
+@click.option("--workdir", "workdirs", multiple=True, type=click.Path(file_okay=False),
+              help="A party's working folder whose free space to check too (repeatable).")
 @storage_option
-def doctor(url: str, as_json: bool, prefix: str | None, storage_options: tuple[str, ...]) -> None:
+def doctor(url: str, as_json: bool, prefix: str | None, workdirs: tuple[str, ...],
+           storage_options: tuple[str, ...]) -> None:
     """Check that a bucket works from this machine; exit 0 when usable.
 
     Writes, lists, reads back, checks that exclusive publish really is
     exclusive (also under concurrent writers), round-trips a sha256 and
     measures latency, then verifies federation.json if there is one.
+    Warns when a folder bucket, the temp folder or a --workdir has under
+    5 GiB or 10 % free; a full disk is not usable.
 
     \b
     Example:
@@ -146,7 +155,7 @@ def doctor(url: str, as_json: bool, prefix: str | None, storage_options: tuple[s
     from ..store import open_store
 
     store = open_store(url, storage_options_of(storage_options))
-    report = run_doctor(store, probe_prefix=prefix)
+    report = run_doctor(store, probe_prefix=prefix, folders=workdirs)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
     sys.exit(0 if report.ok else 9)
 

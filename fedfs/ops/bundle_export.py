@@ -81,7 +81,8 @@ def files_from_site(fed: Federation, site: str, everything: bool = False) -> lis
         parsed = layout.parse_update_key(key)
         if parsed is None or parsed[1] < cursor:
             continue
-        keys += [key, fed.bucket.read(key, UpdateManifest).doc.blob.key]
+        # a decided update's payload may have been removed under retention: the manifest goes alone
+        keys += [key, *_existing(fed, (fed.bucket.read(key, UpdateManifest).doc.blob.key,))]
     return keys + _existing(fed, (layout.site_heartbeat(site), layout.site_status(site)))
 
 

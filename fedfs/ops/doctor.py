@@ -5,26 +5,39 @@ write, list, read back, exclusive publish (a second publish must fail, and of
 several concurrent publishers exactly one may win), a sha256 round trip of a
 1 MiB payload, the latency of small writes and reads, and, if the bucket holds
 a federation, whether ``federation.json`` verifies. Probe files are removed
-afterwards where the credentials allow it.
+afterwards where the credentials allow it. First it checks the free space of the
+folders this machine writes to (a folder bucket, the temp folder, a workdir): a warning
+below :data:`LOW_SPACE_BYTES` or :data:`LOW_SPACE_FRACTION` of the disk, not usable
+below :data:`FULL_BYTES` (a full disk fails every write, often half-way).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import statistics
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..protocol import layout
 from ..errors import Conflict, FedfsError
 from ..store import Store
 
-__all__ = ["Check", "DoctorReport", "run_doctor"]
+__all__ = ["Check", "DoctorReport", "FULL_BYTES", "LOW_SPACE_BYTES", "LOW_SPACE_FRACTION", "check_state",
+           "run_doctor", "space_checks"]
+
+#: Free space below which doctor warns (bytes), or below this fraction of the disk.
+LOW_SPACE_BYTES = 5 * 1024**3
+LOW_SPACE_FRACTION = 0.10
+#: Free space below which a folder is not usable: not even a manifest or the probes fit.
+FULL_BYTES = 16 * 1024**2
 
 
 @dataclass
@@ -32,6 +45,12 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # usable, but someone should look (low free space)
+
+
+def check_state(c: Check) -> str:
+    """"ok", "warn" or "FAIL", as the report prints it."""
+    return "FAIL" if not c.ok else "warn" if c.warn else "ok"
 
 
 @dataclass
@@ -55,7 +74,7 @@ class DoctorReport:
     def render(self) -> str:
         lines = [f"fedfs doctor: {self.url}", f"  backend: {self.backend} (exclusive publish by {self.publish_mechanism})"]
         for c in self.checks:
-            lines.append(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+            lines.append(f"  [{check_state(c)}] {c.name}: {c.detail}")
         if self.latency_ms:
             lines.append(
                 "  latency: small write {write_ms:.1f} ms, small read {read_ms:.1f} ms (median of {n:.0f})".format(**self.latency_ms)
@@ -64,13 +83,52 @@ class DoctorReport:
             f = self.federation
             lines.append(f"  federation: {f['mode']} {f['configuration']}, sites {', '.join(f['sites'])}, "
                          f"aggregator {f['aggregator']}, sha256 {f['digest'][:16]}...")
-        lines.append("  verdict: " + ("usable" if self.ok else "NOT usable: " + "; ".join(
+        warned = "; ".join(f"{c.name}: {c.detail}" for c in self.checks if c.ok and c.warn)
+        lines.append("  verdict: " + (("usable" + (f" (warning: {warned})" if warned else "")) if self.ok
+                                      else "NOT usable: " + "; ".join(
             f"{c.name}: {c.detail}" for c in self.checks if not c.ok)))
         return "\n".join(lines)
 
 
-def run_doctor(store: Store, *, probe_prefix: str | None = None, racers: int = 4, samples: int = 5) -> DoctorReport:
-    """Exercise ``store`` and return a report; never raises for a failing check."""
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def space_checks(folders: list[str]) -> list[Check]:
+    """Free space of each folder's disk (once per disk); a folder not yet made counts as its parent."""
+    out: list[Check] = []
+    seen: set[int] = set()
+    for folder in folders:
+        p = Path(folder).absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            dev = p.stat().st_dev
+            if dev in seen:
+                continue
+            seen.add(dev)
+            total, _used, free = shutil.disk_usage(p)
+        except OSError as exc:
+            out.append(Check(f"free space {folder}", False, f"cannot read the disk's usage: {exc}"))
+            continue
+        pct = 100.0 * free / total if total else 0.0
+        detail = f"{_gib(free)} free of {_gib(total)} ({pct:.0f} %)"
+        if free < FULL_BYTES:
+            out.append(Check(f"free space {folder}", False, f"{detail}: the disk is full; free space there "
+                                                            "(old globals: see `fedfs init --keep-globals`)"))
+        elif free < LOW_SPACE_BYTES or free < LOW_SPACE_FRACTION * total:
+            out.append(Check(f"free space {folder}", True, f"{detail}: low (below {_gib(LOW_SPACE_BYTES)} or "
+                                                           f"{LOW_SPACE_FRACTION:.0%}); a round needs a few "
+                                                           "model sizes", warn=True))
+        else:
+            out.append(Check(f"free space {folder}", True, detail))
+    return out
+
+
+def run_doctor(store: Store, *, probe_prefix: str | None = None, racers: int = 4, samples: int = 5,
+               folders: tuple[str, ...] = ()) -> DoctorReport:
+    """Exercise ``store`` and return a report; never raises for a failing check. ``folders``:
+    local folders whose free space to check besides a folder bucket and the temp folder."""
     prefix = probe_prefix or f"doctor/{_safe(socket.gethostname())}-{uuid.uuid4().hex[:12]}"
     layout.check_key(prefix)
     report = DoctorReport(url=store.url, backend=type(store).__name__, publish_mechanism=getattr(store, "publish_mechanism", "?"))
@@ -86,6 +144,9 @@ def run_doctor(store: Store, *, probe_prefix: str | None = None, racers: int = 4
         report.checks.append(Check(name, ok, detail))
         return value
 
+    local = getattr(store, "local_path", None)
+    report.checks.extend(space_checks(([local] if isinstance(local, str) else []) + [tempfile.gettempdir(),
+                                                                                    *folders]))
     probe = f"{prefix}/probe.txt"
     payload = f"fedfs doctor {uuid.uuid4().hex}".encode()
 

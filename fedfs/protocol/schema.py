@@ -18,6 +18,8 @@ WEIGHTINGS = ("cases", "uniform")
 ALIGNS = ("resolution", "name")
 STALENESS = ("inverse_sqrt", "constant", "polynomial", "hinge")
 ROLES = ("site", "aggregator")
+#: The smallest ``keep_globals`` that prunes: the newest global and the one it was folded onto.
+MIN_KEEP_GLOBALS = 2
 
 
 @document("party")
@@ -57,6 +59,7 @@ class FederationConfig(Document):
     align: str = "resolution"
     seed: int = 12345
     update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
+    keep_globals: int = 0  # retention: keep the payloads of the last K globals (protocol/retention.py); 0 = all
     created: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +78,8 @@ class FederationConfig(Document):
         require(self.max_staleness >= 0, where, "max_staleness must be >= 0")
         require(0 < self.eta <= 10, where, "eta must be in (0, 10]")
         require(self.update_norm_limit >= 0, where, "update_norm_limit must be >= 0")
+        require(self.keep_globals == 0 or self.keep_globals >= MIN_KEEP_GLOBALS, where,
+                f"keep_globals must be 0 (keep every global) or at least {MIN_KEEP_GLOBALS}, got {self.keep_globals}")
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")

@@ -33,6 +33,7 @@ from .heartbeat import HeartbeatWriter
 from .inputs import MAX_WEIGHTS_BYTES, VerifiedInputs
 from .merge import next_global
 from .quarantine import Quarantine
+from .retention import AggregatorRetention
 from .setup_phase import SetupPhase
 from .steps import Action, StepResult
 
@@ -54,6 +55,7 @@ class Aggregator:
         self.clock = clock
         self.quarantine = Quarantine(self.bucket, layout.AGG_STATUS, self.identity, logger=log)
         self.inputs = VerifiedInputs(fed, self.work / "cache", self.quarantine)
+        self.retention = AggregatorRetention(self.config, self.fed.store, self.work / "cache", self.work)
         self.setup = SetupPhase(fed, self.identity, self.inputs, self.quarantine, self._commit)
         self.liveness = HeartbeatWriter(self.bucket, layout.AGG_HEARTBEAT, self.identity)
 
@@ -126,3 +128,5 @@ class Aggregator:
         faults.point("aggregator.after_manifest")
         self.bucket.write_mutable(layout.LATEST, LatestHint(version=doc.version), self.identity)
         self.quarantine.flush()
+        self.inputs.forget_folded([x.key for x in doc.contributions])
+        self.retention.after_commit(doc.version, self.inputs.manifest, self.inputs.protected_sha256())

@@ -125,6 +125,24 @@ class VerifiedInputs:
             os.replace(tmp, cached)
         return ref
 
+    def protected_sha256(self) -> set[str]:
+        """Payloads needed locally whatever retention says: the sites' initial weights (their
+        architectures) and the verified updates not yet folded into a global."""
+        shas = {Path(path).name.split(".")[0] for _sha, path in self._verified.values()}
+        for site in self.config.site_names:
+            try:
+                init = self.plans_of(site).init_blob
+            except (NotFound, ValidationError):
+                continue
+            if init is not None:
+                shas.add(init.sha256)
+        return shas
+
+    def forget_folded(self, keys: list[str]) -> None:
+        """Updates just folded into a published global: their cursor has moved past them."""
+        for key in keys:
+            self._verified.pop(key, None)
+
     # ---- updates --------------------------------------------------------------------
     def rejected_sites(self, version: int) -> set[str]:
         """Sites with an update from ``version`` that was rejected (they answered this version)."""
@@ -235,7 +253,12 @@ class VerifiedInputs:
                 base_ref = self.manifest(upd.base_version).doc.blob_for(site)
             except NotFound:
                 raise ValidationError(f"update names base version v{upd.base_version}, which does not exist") from None
-            ratio = relative_change(path, self.fetch(base_ref))
+            try:
+                base_path = self.fetch(base_ref)
+            except NotFound:
+                raise ValidationError(f"update names base version v{upd.base_version}, whose weights were "
+                                      "removed under the federation's retention (too old)") from None
+            ratio = relative_change(path, base_path)
             if ratio > limit:
                 raise ValidationError(f"implausible update: it moves the model by {ratio:.3g} x the norm of "
                                       f"v{upd.base_version} (limit {limit:g})")

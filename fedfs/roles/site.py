@@ -40,6 +40,7 @@ from ..protocol.schema import (
 from .context import FederationContext
 from .heartbeat import HEARTBEAT_EVERY_S, HeartbeatWriter
 from .quarantine import Quarantine
+from .retention import SiteRetention
 from .steps import Action, StepResult
 
 __all__ = ["HEARTBEAT_EVERY_S", "LocalWork", "Site", "SiteState"]
@@ -130,6 +131,7 @@ class Site:
         self.state = SiteState.load(self.state_path)
         self._started = False
         self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log)
+        self.retention = SiteRetention(self.config, self.bucket, self.name, self.dir)
         self.liveness = HeartbeatWriter(self.bucket, layout.site_heartbeat(self.name), self.identity)
 
     @property
@@ -193,6 +195,7 @@ class Site:
             return None, None
         if getattr(self, "_manifest", None) is None or self._manifest.doc.version != v:
             self._manifest = self.bucket.read(layout.global_version(v), GlobalManifest)
+            self.retention.after_global(self._manifest.doc, self.state.updates_sent)
         return v, self._manifest
 
     # ---- set-up --------------------------------------------------------------------
@@ -245,6 +248,7 @@ class Site:
         path = self.dir / "globals" / f"{ref.sha256}.safetensors"
         if not path.exists():
             self.bucket.get_blob_file(ref, str(path))
+        self.retention.keep_global(str(path))
         return str(path)
 
     def _ensure_started(self) -> None:
@@ -254,7 +258,10 @@ class Site:
 
     def _train(self, round_: int, base: int, manifest) -> StepResult:
         self._ensure_started()
-        gpath = self._fetch_global(manifest)
+        try:
+            gpath = self._fetch_global(manifest)
+        except NotFound:  # retention removed it after a newer global came out: train from that one
+            return StepResult(Action.WAIT, f"v{base}'s weights were pruned meanwhile; a newer global is out")
         self.heartbeat("training", f"round r{round_} from v{base}", round=round_, base_version=base)
         out = self.dir / "updates" / f"r{round_:06d}.safetensors"
         t0 = time.time()
@@ -304,6 +311,7 @@ class Site:
         self.state.last_base = p["base"]
         self.state.pending = None
         self._save()
+        self.retention.published(p["path"])
         self.heartbeat("published", f"update r{p['round']} from v{p['base']}", round=p["round"],
                        base_version=p["base"], metrics=p["metrics"])
         return StepResult(Action.UPDATE, f"r{p['round']} from v{p['base']} published "
