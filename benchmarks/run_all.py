@@ -52,6 +52,8 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("faults", "faults.py", ("--json", "--quick"),
      "crashes (kill -9), storage outages, concurrent aggregators, skewed clocks and hostile inputs: "
      "what got through"),
+    ("disk", "disk.py", ("--json",),
+     "disk used after 20 rounds (bucket, aggregator and site workdirs), retention off and on"),
     ("cli_startup", "cli_startup.py", ("--json",),
      "how fast `fedfs --help` answers, and that it loads neither torch nor nnU-Net"),
     ("quality", "quality.py", ("--json",),
