@@ -265,7 +265,7 @@ def test_report_asym_shows_layer_sharing(asym, tmp_path):
     out = tmp_path / "asym.html"
     cli("report", asym.store.url, "-o", str(out))
     dom = _check_report_in_browser(out, ASYM_PLOTS, tmp_path)
-    assert "Layers AsymFedAvg shares" in dom and "AsymFedAvg: each site plans from its own fingerprint" in dom
+    assert "Layers AsymFedAvg shares" in dom and "AsymFedAvg: no fingerprint is merged. Each site plans from its own" in dom
     d = collect_history(asym)
     share = d["globals"][-1]["report"]["sharing"]
     assert share["B"]["shared_params"] < share["B"]["params"] and share["A"]["shared_params"] == share["A"]["params"]

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["collect_history", "fingerprint_summary"]
 
 _MAX_INIT_BLOB = 1024**3  # a site's initial weights, read for the layer-sharing table
+#: The first spacing nnU-Net gives a 2D image (read as 1 x H x W); not a physical spacing.
+_DUMMY_2D_SPACING = 999.0
 
 
 def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
@@ -123,12 +125,19 @@ def fingerprint_summary(fp: dict[str, Any], total_cases: int, sites: list[str]) 
             return None
         return {"median": np.median(a, axis=0).tolist(), "min": a.min(axis=0).tolist(), "max": a.max(axis=0).tolist()}
 
+    spacing, shape = stats("spacings"), stats("shapes_after_crop")
+    dims = len(spacing["median"]) if spacing else None
+    if spacing and dims == 3 and spacing["min"][0] == spacing["max"][0] == _DUMMY_2D_SPACING:
+        # nnU-Net stores 2D images as 1 x H x W with a dummy 999 first spacing: show the in-plane axes
+        spacing = {k: v[1:] for k, v in spacing.items()}
+        shape = {k: v[1:] for k, v in shape.items()} if shape and len(shape["median"]) == 3 else shape
+        dims = 2
     channels = {}
     for ch, props in sorted((fp.get("foreground_intensity_properties_per_channel") or {}).items()):
         if isinstance(props, dict):
             channels[str(ch)] = {k: v for k, v in props.items() if isinstance(v, (int, float))}
     return {"total_cases": total_cases, "sites": sites, "cases_in_fingerprint": len(fp.get("spacings") or []),
-            "spacing": stats("spacings"), "shape": stats("shapes_after_crop"), "intensity": channels,
+            "spacing": spacing, "shape": shape, "dims": dims, "intensity": channels,
             "median_relative_size_after_cropping": fp.get("median_relative_size_after_cropping")}
 
 

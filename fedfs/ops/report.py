@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import layout
 from .history import collect_history
 from .plots import PLOT_IDS, latest_sharing, make_plots, round_durations, site_color, time_unit
-from .status import SILENT_AFTER_S, human_age, short_reason
+from .status import SILENT_AFTER_S, human_age, rule_label, short_reason
 
 if TYPE_CHECKING:
     from ..federation import Federation
@@ -165,7 +165,8 @@ generated {_e(d['generated_at'])}</p></header>
 <section id='sites'><h2>Sites</h2><p class='lead'>Each hospital's state, from its signed heartbeat and update manifests.</p>
 {_sites(d)}<div style='max-width:560px;margin-top:12px'>{_figure(plots, 'plot-cases', 'Training cases each site contributes (its census).')}</div></section>
 <section id='training'><h2>Training curves</h2><p class='lead'>Reported by each site with every update: the last epoch of
-each round. Pseudo-Dice is nnU-Net's validation estimate on the site's own held-out cases.</p>
+each round. Pseudo-Dice is nnU-Net's per-epoch estimate on the validation split of the site's fold (its own cases, not
+trained on); the final validation Dice, on that split's full images, is in the Sites table.</p>
 <div class='grid2'>{_figure(plots, 'plot-train-loss', 'Training loss at the end of each round (lower is better).')}
 {_figure(plots, 'plot-pseudo-dice', 'Validation pseudo-Dice at the end of each round (higher is better).')}</div></section>
 <section id='rounds'><h2>Rounds</h2><p class='lead'>Each global version and how long it took, measured between the
@@ -175,8 +176,7 @@ aggregator's signatures.</p>
 {_versions(d)}</section>
 <section id='updates'><h2>Updates</h2><p class='lead'>Every update manifest in the bucket: what it was trained from,
 whether it was aggregated, with which weight and staleness, and its metrics.</p>{_updates(d)}</section>
-<section id='fingerprint'><h2>Data fingerprint</h2><p class='lead'>The federation-wide nnU-Net fingerprint merged
-from the sites' summaries (no image leaves a site).</p>{_fingerprint(d)}</section>
+<section id='fingerprint'><h2>Data fingerprint</h2>{_fingerprint(d)}</section>
 <section id='plans'><h2>Plans</h2>{_plans(d)}</section>
 {_sharing(d, plots)}
 <section id='problems'><h2>Rejected files</h2><p class='lead'>Files a party refused, with the reason, and files this
@@ -239,9 +239,11 @@ def _sites(d: dict[str, Any]) -> str:
                      _heartbeat(info),
                      str(len(mine)), _fmt(lastu["named"]["train_loss"] if lastu else None),
                      _fmt(lastu["named"]["pseudo_dice"] if lastu else None, ".3f"),
+                     _fmt(info.get("metrics", {}).get("validation_dice"), ".3f"),
                      f"<span class='pill bad'>{rej}</span>" if rej else "0"])
     return _table(["Site", "Cases", "Phase", "Last heartbeat (UTC)", "Updates", "Last train loss",
-                   "Last pseudo-Dice", "Rejected"], rows, num={1, 4, 5, 6}) + _aggregator_line(d)
+                   "Last pseudo-Dice", "Final validation Dice", "Rejected"], rows, num={1, 4, 5, 6, 7}) \
+        + _aggregator_line(d)
 
 
 def _heartbeat(info: dict[str, Any]) -> str:
@@ -276,13 +278,15 @@ def _versions(d: dict[str, Any]) -> str:
     ddiv, dunit = time_unit(list(durs.values()))
     rows = []
     for g in d["globals"]:
-        contrib = ", ".join(f"{x['site']} (r{x['round']}, w={x['weight']:.3g}" + (f", stale {x['staleness']}" if x["staleness"] else "") + ")"
+        contrib = ", ".join(f"{x['site']} (round {x['round'] + 1}, w={x['weight']:.3g}"
+                            + (f", stale {x['staleness']}" if x["staleness"] else "") + ")"
                             for x in g["contributions"])
         rows.append([_e(f"v{g['version']}") + (" <span class='pill ok'>final</span>" if g["final"] else ""),
                      _when(g["signed_at"]),
                      _fmt(durs[g["version"]] / ddiv, ".3g") if g["version"] in durs else "–",
                      _e(contrib) or "<span class='muted'>initial model</span>",
-                     _e((g["report"] or {}).get("rule") or ""), _e((g["report"] or {}).get("reason") or "")])
+                     _e(rule_label((g["report"] or {}).get("rule"), d["config"]["aggregation"]) if g["contributions"]
+                        else ""), _e((g["report"] or {}).get("reason") or "")])
     return _table(["Version", "Published (UTC)", f"Duration ({dunit})", "Contributions (update, weight)",
                    "Rule", "Why aggregated"], rows, num={2})
 
@@ -297,7 +301,7 @@ def _updates(d: dict[str, Any]) -> str:
                  "pending": "<span class='pill warn'>pending</span>"}[u["state"]]
         if u["reason"]:
             state += f" <span class='reason'>{_e(short_reason(u['key'], u['reason']))}</span>"
-        rows.append([_e(u["site"]), _e(f"{u['round'] + 1} (r{u['round']})"), _e(f"v{u['base_version']}"),
+        rows.append([_e(u["site"]), _e(str(u["round"] + 1)), _e(f"v{u['base_version']}"),
                      _fmt(u["staleness"]), _fmt(u["weight"]), _fmt(n["train_loss"]), _fmt(n["pseudo_dice"], ".3f"),
                      _fmt(n["epoch_time"], ".3g"), state])
     return _table(["Site", "Round", "Trained from", "Staleness", "Weight", "Train loss", "Pseudo-Dice",
@@ -308,22 +312,26 @@ def _fingerprint(d: dict[str, Any]) -> str:
     """The merged fingerprint, or why there is none."""
     fp = d["fingerprint"]
     mode = d["config"]["mode"]
+    if mode == "asym":  # what happens to fingerprints in each mode, said once
+        return ("<p class='lead'>AsymFedAvg: no fingerprint is merged. Each site plans from its own nnU-Net "
+                "fingerprint, computed and kept at the site; the plans each site published are below.</p>")
+    if mode == "fedavg":
+        return "<p class='lead'>FedAvg of a plain PyTorch model: no fingerprint phase.</p>"
+    lead = ("<p class='lead'>FFE: the sites' fingerprint summaries (no image leaves a site) are merged into one "
+            "federation-wide nnU-Net fingerprint, from which every site plans, so all hold the same plans.</p>")
     if fp is None:
-        if mode == "asym":
-            return "<p class='muted'>AsymFedAvg: each site plans from its own fingerprint; no merged fingerprint is published.</p>"
-        if mode == "fedavg":
-            return "<p class='muted'>FedAvg of a plain PyTorch model: no fingerprint phase.</p>"
-        return "<p class='muted'>The merged fingerprint is not published yet.</p>"
+        return lead + "<p class='muted'>The merged fingerprint is not published yet.</p>"
     props = ["mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5"]
     irows = [[_e(ch)] + [_fmt(p.get(k), ".4g") for k in props] for ch, p in fp["intensity"].items()]
     census_rows = ", ".join(f"{_e(s)}: {n}" for s, n in sorted((d["census"] or {}).get("sites", {}).items()))
     spacing = fp["spacing"] or {}
-    return (
+    return lead + (
         _table(["Fingerprint", ""], [
             ["Cases in the merged fingerprint", _fmt(fp["cases_in_fingerprint"])],
             ["Cases per site (census)", census_rows or "–"],
             ["Channels", _fmt((d["census"] or {}).get("num_channels"))],
-            ["Median spacing", _dims(spacing.get("median"), ".4g")],
+            ["Median spacing" + (" (2D: in-plane)" if fp.get("dims") == 2 else ""),
+             _dims(spacing.get("median"), ".4g")],
             ["Spacing range", (_dims(spacing.get("min"), ".4g") + " … " + _dims(spacing.get("max"), ".4g"))
              if fp["spacing"] else "–"],
             ["Median shape after cropping", _dims((fp["shape"] or {}).get("median"), ".4g")],

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..protocol.schema import FederationConfig
 
 __all__ = ["collect_status", "render_status", "short_reason", "pick_metrics", "federation_summary", "METRIC_NAMES",
-           "SILENT_AFTER_S", "age_s", "aggregator_liveness", "is_silent"]
+           "SILENT_AFTER_S", "age_s", "aggregator_liveness", "is_silent", "rule_label"]
 
 #: The metrics ``fedfs status`` shows, and the names sites may report them under.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
@@ -56,6 +56,17 @@ def federation_summary(c: FederationConfig) -> dict[str, Any]:
     """The settings a status table or report heads with (mode, rounds, parties), JSON-ready."""
     return {"mode": c.mode, "aggregation": c.aggregation, "configuration": c.configuration, "rounds": c.rounds,
             "local_epochs": c.local_epochs, "aggregator": c.aggregator.name, "sites": c.site_names}
+
+
+def rule_label(rule: str | None, aggregation: str) -> str:
+    """The rule a global was made with (its manifest's ``report.rule``), as people read it. In an async
+    federation a global of only fresh updates at eta 1 is made by FedAvg (FedBuff reduces to it), so
+    "FedAvg" there says why."""
+    if not rule:
+        return "initial"
+    if aggregation == "async" and rule == "FedAvg":
+        return "FedAvg (async; every update fresh at eta 1, where FedBuff is FedAvg)"
+    return rule
 
 
 def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
@@ -325,7 +336,8 @@ def render_status(d: dict[str, Any]) -> Any:
     parts.extend(_liveness_lines(d))
 
     if g["contributions"]:
-        ct = Table(title=f"Contributions to v{g['version']} ({g['rule'] or 'initial'})", title_justify="left")
+        ct = Table(title=f"Contributions to v{g['version']} ({rule_label(g['rule'], f['aggregation'])})",
+                   title_justify="left")
         for col in ("Site", "Update", "Trained from", "Staleness", "Weight"):
             ct.add_column(col, justify="left" if col == "Site" else "right")
         for x in g["contributions"]:
