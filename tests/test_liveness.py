@@ -171,3 +171,18 @@ def test_run_loop_retries_through_an_outage(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[0] == "storage unreachable, retrying: down" and msgs[-1].startswith("storage reachable again")
     assert len(msgs) == 2
+
+
+def test_a_cli_daemon_refreshes_its_heartbeat_between_polls():
+    """`fedfs site run` / `aggregator run`: the heartbeat is refreshed every minute while the daemon
+    lives, whatever its --poll-interval, not only when a step happens to run."""
+    from fedfs.cli.roles import _daemon
+    from fedfs.store import MemoryStore
+
+    rec = _Recorder()
+    liveness = HeartbeatWriter(rec, "sites/A/heartbeat.json", SimpleNamespace(name="A"), every_s=0.05)  # type: ignore[arg-type]
+    liveness.beat("waiting", "waiting for v1")
+    results = iter([StepResult(Action.WAIT, "waiting for v1")] * 3 + [StepResult(Action.FINISHED, "done")])
+    role = SimpleNamespace(fed=SimpleNamespace(store=MemoryStore()), liveness=liveness, step=lambda: next(results))
+    _daemon(role, watch="poll", poll_interval=0.2, who="site A", logger="fedfs.test")  # 3 polls: over 0.4 s
+    assert len(rec.docs) >= 5 and {d.phase for d in rec.docs} == {"waiting"}

@@ -42,7 +42,9 @@ def _cron_step(role: Any, until: Callable[[Any], bool] | None = None) -> None:
 
 
 def _daemon(role: Any, watch: str, poll_interval: float, who: str, logger: str) -> None:
-    """Step ``role`` until it is done, waking on new files (the same loop as a cron step, with a trigger)."""
+    """Step ``role`` until it is done, waking on new files (the same loop as a cron step, with a trigger).
+    Its heartbeat is refreshed every minute meanwhile, whatever the poll interval (a live daemon is never
+    shown as silent)."""
     from ..roles.loop import run_loop
     from ..store.watch import make_trigger
 
@@ -50,7 +52,8 @@ def _daemon(role: Any, watch: str, poll_interval: float, who: str, logger: str) 
     trigger = make_trigger(store, watch=watch, poll_interval=poll_interval)
     logging.getLogger("fedfs").info("%s watching %s (%s)", who, store.url, trigger.kind)
     try:
-        click.echo(str(run_loop(role.step, trigger, on_result=_log_changes(logger))))
+        with role.liveness.alive():
+            click.echo(str(run_loop(role.step, trigger, on_result=_log_changes(logger))))
     finally:
         trigger.close()
 

@@ -34,11 +34,10 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "pseudo_dice": ("pseudo_dice", "val_pseudo_dice"),
     "epoch_time": ("epoch_time_s", "epoch_time"),
 }
-#: A running party refreshes its heartbeat at least once a minute (``fedfs.roles.heartbeat``), during
-#: long steps too, and a daemon steps at every poll. A heartbeat older than this (ten refreshes, also
-#: twice a 5-minute poll interval) while the federation runs means the party was killed, hangs, or
-#: its machine is off: status and report flag it "silent". A party run from cron less often than this
-#: shows as silent between its runs.
+#: A running party refreshes its heartbeat every minute (``fedfs.roles.heartbeat``), from a thread
+#: while its daemon runs and during each step. A heartbeat older than this (ten refreshes) while the
+#: federation runs means the party was killed, hangs, or its machine is off: status and report flag it
+#: "silent". A party run from cron less often than this shows as silent between its runs.
 SILENT_AFTER_S = 600.0
 #: How far past the cursor, and how far before it, status looks for a site's newest update.
 _PROBE_AHEAD = 4
