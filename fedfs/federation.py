@@ -24,7 +24,7 @@ from .protocol import layout
 from .trust.bucket import Bucket
 from .protocol.documents import canonical_json, loads_strict
 from .errors import ConfigError, Conflict, IntegrityError, NotFound, SchemaError
-from .protocol.schema import FederationConfig, Party
+from .protocol.schema import FederationConfig, Party, check_configuration
 from .trust.signing import Identity, load_identity, parse_envelope, parse_public_key, read_public_key_file, utcnow, verify_envelope
 from .store import Store, open_store
 
@@ -202,10 +202,12 @@ def config_from_key_dir(
         if role != "site" or name != site:
             raise ConfigError(f"{pub}: is a key for {role} {name!r}, not site {site!r}")
         parties.append(Party(name=site, role="site", public_key=key))
+    configuration = check_configuration(settings.pop("configuration", "2d"),
+                                        custom=settings.pop("custom_configuration", False))
     config = FederationConfig(
         federation_id=settings.pop("federation_id", ""),
         mode=settings.pop("mode", "ffe"),
-        configuration=settings.pop("configuration", "2d"),
+        configuration=configuration,
         aggregator=Party(name=agg_identity.name, role="aggregator", public_key=agg_identity.public_key_b64),
         sites=parties,
         **settings,

@@ -154,7 +154,8 @@ def test_a_configuration_typo_ends_the_site_step_with_10(tmp_path, keys):
     env = nnunet_environment(tmp_path, {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed":
                                         str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")})
     site = make_site(env["nnUNet_raw"], 611, "A", n_train=4, n_test=1, test_root=tmp_path / "heldout")
-    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo")
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo",
+                                      custom_configuration=True)
     url = str(tmp_path / "bucket")
     Federation.create(url, config, agg)
     # Execute

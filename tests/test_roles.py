@@ -286,7 +286,8 @@ def test_a_blocked_site_ends_a_cron_step_after_one_attempt(tmp_path, keys):
     from fedfs.roles.loop import run_loop
 
     # Prepare: a fedavg federation (sites plan at once) whose site A cannot plan
-    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo")
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="fedavg", configuration="2d_typo",
+                                      custom_configuration=True)
     fed, _ = Federation.create(str(tmp_path / "bucket"), config, agg)
     site = Site(fed.as_party(keys / "A.key"), TypoWork("A"), tmp_path / "site-A")
     # Execute

@@ -82,7 +82,10 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--mode", type=mode_choice, default="ffe", show_default=True,
               help="ffe: one nnU-Net plan from a merged fingerprint; asym: local plans, shared layers averaged; "
                    "fedavg: any PyTorch model, no fingerprint phase.")
-@click.option("-c", "--configuration", default="2d", show_default=True, help="nnU-Net configuration to train.")
+@click.option("-c", "--configuration", default="2d", show_default=True,
+              help="nnU-Net configuration to train: 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres.")
+@click.option("--custom-configuration", is_flag=True,
+              help="Accept a configuration name outside nnU-Net's standard ones (one your custom planner makes).")
 @click.option("--rounds", type=int, default=5, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True, help="nnU-Net epochs per round.")
 @click.option("--aggregation", type=aggregation_choice, default="sync", show_default=True)

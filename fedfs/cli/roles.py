@@ -117,18 +117,29 @@ def site() -> None:
 @site.command("fingerprint", context_settings=CONTEXT)
 @common
 @nnunet_options
-def site_fingerprint(**kw: Any) -> None:
-    """Publish this site's case count, then (once the aggregator's census is out) its
-    fingerprint summary; exit. FFE only.
+@click.option("--redo", is_flag=True,
+              help="Before training starts: read the dataset again and supersede this site's census (or, if it "
+                   "is unchanged, its fingerprint summary), e.g. after correcting the dataset.")
+def site_fingerprint(redo: bool, **kw: Any) -> None:
+    """Publish this site's census (case and channel counts, label and channel names), then
+    (once the aggregator's census is out) its fingerprint summary; exit. FFE only.
+
+    The dataset is checked first (every image has its label file, every channel its
+    image). With --redo, a corrected dataset supersedes what was published; the
+    aggregator then merges again. After the initial global v0 it is refused: a
+    corrected dataset then needs a new federation.
 
     \b
     Example:
       fedfs site fingerprint /mnt/share/fed --key keys/A.key -d 501 -npfp 4
+      fedfs site fingerprint /mnt/share/fed --key keys/A.key -d 501 --redo
     """
     setup_logging(kw["quiet"])
     s = make_site(**kw)
     if s.config.mode != "ffe":
         raise ConfigError("fingerprints are merged in FFE mode only; in asym mode `fedfs site plan` plans locally")
+    if redo:
+        click.echo(s.setup.redo())
     _cron_step(s, until=_set_up_only)
 
 

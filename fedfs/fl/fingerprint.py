@@ -39,7 +39,7 @@ from .fingerprint_schema import (
 
 __all__ = [
     "PERCENTILES", "DEFAULT_MAX_EXACT_VALUES", "DEFAULT_MANTISSA_BITS",
-    "validate_census", "merge_census", "validate_federation_census", "validate_summary",
+    "validate_census", "merge_census", "census_mismatch", "validate_federation_census", "validate_summary",
     "summarize_samples", "SiteSummaryBuilder", "merge_summaries", "reference_merge",
     "table_percentiles", "coarsen_table", "bin_midpoints", "merge_moments",
 ]
@@ -61,6 +61,23 @@ def merge_census(censuses: Mapping[str, Mapping[str, Any]]) -> dict:
         raise ValidationError(f"sites disagree on the number of image channels: {detail}")
     cases = {s: int(censuses[s]["num_cases"]) for s in sites}
     return {"total_cases": sum(cases.values()), "num_channels": channels.pop(), "sites": cases}
+
+
+def census_mismatch(censuses: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], str] | None:
+    """The first way two sites' datasets disagree (channel count, label names, channel names), as
+    (the two sites, a sentence naming both and their values); None when they agree. A site that
+    published no names (an older fedfs) is not compared on them."""
+    sites = sorted(censuses)
+    for what, field in (("a different number of image channels", "num_channels"),
+                        ("different labels (dataset.json \"labels\")", "labels"),
+                        ("different channels (dataset.json \"channel_names\")", "channel_names")):
+        told = [s for s in sites if censuses[s].get(field) not in (None, {})]
+        for s in told[1:]:
+            a, b = censuses[told[0]][field], censuses[s][field]
+            if a != b:
+                return [told[0], s], (f"sites {told[0]} and {s} have {what}: {told[0]} has {a!r}, {s} has {b!r}; "
+                                      "every site's dataset must use the same labels and channels")
+    return None
 
 
 # ---------------------------------------------------------------- value tables

@@ -34,7 +34,7 @@ from ..errors import FedfsError, NnunetError
 from ..fl.fingerprint import DEFAULT_MANTISSA_BITS, DEFAULT_MAX_EXACT_VALUES, SiteSummaryBuilder, summarize_samples
 
 __all__ = [
-    "nnunet_version", "dataset_name", "count_cases", "site_census", "site_summary",
+    "nnunet_version", "dataset_name", "count_cases", "check_dataset", "site_census", "site_summary",
     "local_fingerprint", "install_fingerprint", "plan", "plan_and_preprocess", "ct_normalize",
 ]
 
@@ -114,10 +114,40 @@ def count_cases(dataset: int | str) -> int:
     return len(_raw_dataset(dataset)[3])
 
 
-def site_census(dataset: int | str) -> dict:
-    """Phase-1 payload: ``{"num_cases": int, "num_channels": int}``."""
-    _, _, dataset_json, cases = _raw_dataset(dataset)
-    return {"num_cases": len(cases), "num_channels": _n_channels(dataset_json)}
+def check_dataset(name: str, dataset_json: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every training case has its label file and one image per channel; NnunetError naming the first
+    missing file otherwise. Cheap (file names only; nnU-Net's verify_dataset_integrity reads every image)."""
+    n = _n_channels(dataset_json)
+    for case, files in sorted(cases.items()):
+        images = list(files["images"])
+        if len(images) != n:
+            raise NnunetError(f"dataset {name}: case {case!r} has {len(images)} image file(s), dataset.json names {n} "
+                              f"channel(s) ({', '.join(os.path.basename(i) for i in images) or 'none'}); add the "
+                              f"missing channel files (CASE_0000{dataset_json.get('file_ending', '')}, ...) or remove "
+                              "the case, then publish the census again")
+        for path in images + [files["label"]]:
+            if not os.path.isfile(path):
+                raise NnunetError(f"dataset {name}: {path} is missing (case {case!r}); add it or remove the case's "
+                                  "images, before the census is published")
+
+
+def _verify_integrity(name: str, folder: str, num_processes: int) -> None:
+    """nnU-Net's own ``verify_dataset_integrity`` (reads every image: slow on big datasets)."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify
+    with _step(f"verify the integrity of {name}"):
+        verify(folder, num_processes)
+
+
+def site_census(dataset: int | str, verify_integrity: bool = False, num_processes: int | None = None) -> dict:
+    """Phase-1 payload: ``{"num_cases", "num_channels", "labels", "channel_names"}``, after
+    :func:`check_dataset` (and nnU-Net's full ``verify_dataset_integrity`` when asked)."""
+    name, folder, dataset_json, cases = _raw_dataset(dataset)
+    check_dataset(name, dataset_json, cases)
+    if verify_integrity:
+        _verify_integrity(name, folder, _default_processes(num_processes))
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    return {"num_cases": len(cases), "num_channels": _n_channels(dataset_json),
+            "labels": dict(dataset_json.get("labels", {})), "channel_names": {str(k): v for k, v in channels.items()}}
 
 
 def _summarize_case(image_files: list[str], seg_file: str, reader_writer_class: type,
@@ -285,9 +315,7 @@ def plan_and_preprocess(dataset: int | str, configurations: Sequence[str] = ("2d
     name = dataset_name(dataset)
     n_proc = _default_processes(num_processes)
     if verify_dataset_integrity:
-        from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify
-        with _step(f"verify the integrity of {name}"):
-            verify(os.path.join(paths["nnUNet_raw"], name), n_proc)
+        _verify_integrity(name, os.path.join(paths["nnUNet_raw"], name), n_proc)
     plans = plan(dataset, planner, gpu_memory_target, overwrite_plans_name)
     if configurations:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset

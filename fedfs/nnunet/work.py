@@ -58,9 +58,17 @@ class NnunetWork:
     def census(self) -> tuple[int, int]:
         from .adapter import site_census
 
-        c = site_census(self.o.dataset)
+        c = site_census(self.o.dataset, verify_integrity=self.o.verify_dataset_integrity,
+                        num_processes=self.o.num_processes)
         self._num_cases = c["num_cases"]
+        self._names = {"labels": c["labels"], "channel_names": c["channel_names"]}
         return c["num_cases"], c["num_channels"]
+
+    def census_names(self) -> dict[str, Any]:
+        """dataset.json's label and channel names, as the last :meth:`census` read them."""
+        if getattr(self, "_names", None) is None:
+            self.census()
+        return self._names
 
     def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
         from .adapter import site_summary

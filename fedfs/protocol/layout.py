@@ -105,9 +105,23 @@ def _site_file(name: str, rel: str, doc: str) -> Callable[[str], str]:
     return key
 
 
-site_census = _site_file("site_census", "fingerprint/census.json", "FFE phase 1: the site's training-case count.")
-site_fingerprint = _site_file("site_fingerprint", "fingerprint/summary.json",
-                              "FFE phase 2 (or AsymFedAvg): the site's fingerprint summary.")
+def _revision(base: str, revision: int) -> str:
+    """``base.json`` for revision 0, ``base-N.json`` for a superseding revision N (set-up documents)."""
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+        raise InvalidName(f"revision must be a non-negative integer, got {revision!r}")
+    return f"{base}.json" if revision == 0 else f"{base}-{revision}.json"
+
+
+def site_census(site: str, revision: int = 0) -> str:
+    """FFE phase 1: the site's training-case count; revision N >= 1 supersedes the ones before (before v0)."""
+    return site_prefix(site) + _revision("fingerprint/census", revision)
+
+
+def site_fingerprint(site: str, revision: int = 0) -> str:
+    """FFE phase 2 (or AsymFedAvg): the site's fingerprint summary; revision N >= 1 supersedes (before v0)."""
+    return site_prefix(site) + _revision("fingerprint/summary", revision)
+
+
 site_plans = _site_file("site_plans", "plans.json", "Digest and summary of the plans the site trains with.")
 site_updates_prefix = _site_file("site_updates_prefix", "updates/", "The folder of the site's update manifests.")
 site_heartbeat = _site_file("site_heartbeat", "heartbeat.json", "A mutable hint: the site's phase and last sign of life.")
@@ -138,6 +152,16 @@ GLOBALS_PREFIX = AGG_PREFIX + "globals/"
 def global_version(version: int) -> str:
     """The manifest of global model ``version`` (v0 is the initial model)."""
     return GLOBALS_PREFIX + f"{_v(version)}.json"
+
+
+def census_key(revision: int = 0) -> str:
+    """The merged census; revision N >= 1 supersedes the ones before (a site superseded its census)."""
+    return AGG_PREFIX + _revision("fingerprint/census", revision)
+
+
+def global_fingerprint_key(revision: int = 0) -> str:
+    """The merged fingerprint; revision N >= 1 supersedes the ones before (a site superseded its summary)."""
+    return AGG_PREFIX + _revision("fingerprint/global", revision)
 
 
 def aggregator_blob(sha256: str, ext: str = "safetensors") -> str:
@@ -183,6 +207,15 @@ def newest_version(hint: int | None, exists: Callable[[str], bool]) -> int | Non
     while exists(global_version(v + 1)):
         v += 1
     return None if v < 0 else v
+
+
+def newest_revision(key_of: Callable[[int], str], known: int | None, exists: Callable[[str], bool]) -> int | None:
+    """The newest revision of a superseding set-up document (``key_of(n)``), probing forward from
+    ``known`` (the newest one seen before; None: none seen). One probe when ``known`` is current."""
+    n = -1 if known is None else known
+    while exists(key_of(n + 1)):
+        n += 1
+    return None if n < 0 else n
 
 
 def writer_of(key: str) -> tuple[str, str] | None:

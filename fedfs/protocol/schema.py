@@ -6,6 +6,7 @@ Field-by-field descriptions are in docs/protocol.md; keep the two in step.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .documents import Document, document, field, require
@@ -20,6 +21,25 @@ STALENESS = ("inverse_sqrt", "constant", "polynomial", "hinge")
 ROLES = ("site", "aggregator")
 #: The smallest ``keep_globals`` that prunes: the newest global and the one it was folded onto.
 MIN_KEEP_GLOBALS = 2
+#: nnU-Net's standard configurations; a custom planner's own names need ``fedfs init --custom-configuration``.
+STANDARD_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+def check_configuration(name: str, custom: bool = False) -> str:
+    """``name`` if it is a standard nnU-Net configuration (or any safe name when ``custom``, for a
+    planner that makes its own); else ConfigError with the nearest standard name."""
+    import difflib
+
+    from ..errors import ConfigError
+
+    if name in STANDARD_CONFIGURATIONS:
+        return name
+    if custom and isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        return name
+    near = difflib.get_close_matches(str(name), STANDARD_CONFIGURATIONS, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ConfigError(f"configuration {name!r} is not a standard nnU-Net one ({', '.join(STANDARD_CONFIGURATIONS)}); "
+                      f"{hint}for a name your custom planner produces, add --custom-configuration")
 
 
 @document("party")
@@ -132,6 +152,9 @@ class SiteCensus(Document):
     num_cases: int
     num_channels: int
     nnunet_version: str = ""
+    revision: int = 0  # N >= 1 supersedes the site's earlier censuses (before v0; docs/protocol.md)
+    labels: dict[str, Any] = field(default_factory=dict)  # dataset.json "labels" ({} when not told)
+    channel_names: dict[str, Any] = field(default_factory=dict)  # dataset.json "channel_names"
 
     def validate(self, where: str) -> None:
         check_name(self.site)
@@ -147,6 +170,10 @@ class Census(Document):
     num_channels: int
     sites: dict[str, int]
     extra: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0  # N >= 1 supersedes the merged censuses before it
+    sources: dict[str, int] = field(default_factory=dict)  # site -> the census revision merged
+    labels: dict[str, Any] = field(default_factory=dict)  # the labels every site shares
+    channel_names: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         require(self.total_cases == sum(self.sites.values()), where, "total_cases must equal the sum of site counts")
@@ -160,6 +187,8 @@ class FingerprintSummary(Document):
     mode: str
     total_cases: int
     summary: dict[str, Any]
+    revision: int = 0  # N >= 1 supersedes the site's earlier summaries (before v0)
+    census_revision: int = 0  # the merged census this summary answers
 
 
 @document("global-fingerprint")
@@ -169,6 +198,8 @@ class GlobalFingerprint(Document):
     fingerprint: dict[str, Any]
     sites: list[str]
     total_cases: int
+    revision: int = 0  # N >= 1 supersedes the merged fingerprints before it
+    sources: dict[str, int] = field(default_factory=dict)  # site -> the summary revision merged
 
 
 @document("plans")
@@ -182,6 +213,7 @@ class PlansDocument(Document):
     summary: dict[str, Any]
     nnunet_version: str = ""
     init_blob: BlobRef | None = None  # the site's initial weights: its declared architecture
+    fingerprint_revision: int = 0  # FFE: the merged fingerprint these plans were made from
 
     def validate(self, where: str) -> None:
         check_name(self.site)
@@ -269,9 +301,12 @@ class Heartbeat(Document):
 
 @document("rejection")
 class Rejection(Document):
+    """One refused file (or, under ``aggregator/problems/``, a problem a person must fix)."""
+
     key: str
     reason: str
     at: str
+    sites: list[str] = field(default_factory=list)  # the sites whose files cause it (their steps say "blocked")
 
 
 @document("status")

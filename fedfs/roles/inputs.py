@@ -85,10 +85,12 @@ class VerifiedInputs:
         if site not in self._cases:
             n = None
             if self.config.mode == "ffe":
+                newest = layout.newest_revision(layout.census_key, None, self.fed.store.exists)  # superseding ones
                 try:
-                    n = self.bucket.read(layout.CENSUS, Census).doc.sites.get(site)
+                    census = None if newest is None else self.bucket.read(layout.census_key(newest), Census).doc
                 except NotFound:
-                    n = None
+                    census = None
+                n = None if census is None else census.sites.get(site)
             else:
                 v = self.plans_of(site).summary.get("num_cases")
                 n = v if isinstance(v, int) and not isinstance(v, bool) else None

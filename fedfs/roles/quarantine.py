@@ -55,14 +55,22 @@ class Quarantine:
         record = self._records.get(key)
         return None if record is None else record.reason
 
-    def reject(self, key: str, reason: str) -> bool:
-        """Record that ``key`` is refused for ``reason``; False if exactly that is recorded already."""
+    def reject(self, key: str, reason: str, sites: tuple[str, ...] | list[str] = ()) -> bool:
+        """Record that ``key`` is refused for ``reason`` (``sites``: whose files cause it, so their
+        steps report "blocked" too); False if exactly that is recorded already."""
         if self.reason(key) == reason:
             return False
         self.log.warning("rejected %s: %s", key, reason)
-        self._records[key] = Rejection(key=key, reason=reason, at=utcnow())
+        self._records[key] = Rejection(key=key, reason=reason, at=utcnow(), sites=sorted(sites))
         self._dirty = True
         return True
+
+    def resolve(self, prefix: str) -> None:
+        """Drop the records whose key starts with ``prefix`` (problems fixed since)."""
+        gone = [k for k in self._records if k.startswith(prefix)]
+        for k in gone:
+            del self._records[k]
+        self._dirty = self._dirty or bool(gone)
 
     def records(self) -> list[Rejection]:
         """The newest :data:`MAX_RECORDS` records, oldest first."""

@@ -4,12 +4,18 @@
 :func:`fedfs.protocol.rounds.setup_due` what is due, and does that one thing: merge the
 FFE census, merge the FFE fingerprint summaries, or check that the sites' plans and
 networks agree and publish ``v0``. A problem a person must fix (fingerprints that do not
-merge, plans that differ) is recorded in the aggregator's status and reported "blocked".
+merge, plans that differ) is recorded in the aggregator's status, naming the sites it
+concerns (their steps report "blocked" too), and reported "blocked".
+
+Before ``v0`` a site may supersede its census or summary (:mod:`fedfs.roles.revisions`):
+a merged census or fingerprint made from older site documents is then superseded by a
+new revision, and plans made from a superseded fingerprint block ``v0``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ..errors import NotFound, ValidationError
@@ -20,9 +26,13 @@ from ..trust.signing import Identity
 from .context import FederationContext
 from .inputs import VerifiedInputs
 from .quarantine import Quarantine
+from .revisions import Revisions
 from .steps import Action, StepResult
 
-__all__ = ["SetupPhase"]
+__all__ = ["REDO", "SetupPhase"]
+
+#: The command that supersedes a site's census and fingerprint summary (named in blocked messages).
+REDO = "fedfs site fingerprint --redo"
 
 
 class SetupPhase:
@@ -37,32 +47,40 @@ class SetupPhase:
         self.inputs = inputs
         self.quarantine = quarantine
         self.commit = commit
+        self.revisions = Revisions(self.bucket, quarantine)
 
     def step(self) -> StepResult:
         """Do the set-up action that is due now, or say what it waits for."""
         c = self.config
         st = SetupState()
-        store = self.fed.store
         if c.mode == "ffe":
-            st.census_published = store.exists(layout.CENSUS)
-            if not st.census_published:
-                censuses = self._read_all(layout.site_census, SiteCensus)
-                st.census_sites = set(censuses)
-            else:
-                st.fingerprint_published = store.exists(layout.GLOBAL_FINGERPRINT)
-                if not st.fingerprint_published:
-                    summaries = self._read_all(layout.site_fingerprint, FingerprintSummary)
-                    st.summary_sites = set(summaries)
+            rev = self.revisions
+            censuses = {s: rev.latest(partial(layout.site_census, s), SiteCensus) for s in c.site_names}
+            censuses = {s: d for s, d in censuses.items() if d is not None}
+            st.census_sites = set(censuses)
+            merged = rev.latest(layout.census_key, Census)
+            current = {s: d.doc.revision for s, d in censuses.items()}
+            st.census_published = merged is not None and rev.sources(merged.doc, c.site_names) == current
+            if st.census_published:
+                m = merged.doc.revision
+                summaries = {s: rev.latest(partial(layout.site_fingerprint, s), FingerprintSummary)
+                             for s in c.site_names}
+                summaries = {s: d for s, d in summaries.items() if d is not None and d.doc.census_revision == m}
+                st.summary_sites = set(summaries)
+                gfp = rev.latest(layout.global_fingerprint_key, GlobalFingerprint)
+                wanted = {s: d.doc.revision for s, d in summaries.items()}
+                st.fingerprint_published = (gfp is not None and st.summary_sites >= set(c.site_names)
+                                            and rev.sources(gfp.doc, c.site_names) == wanted)
         if c.mode != "ffe" or st.fingerprint_published:
             plans = self._read_all(layout.site_plans, PlansDocument)
             st.plans_sites = set(plans)
         due = setup_due(c, st)
         if due == "census":
-            return self._publish_census(censuses)
+            return self._publish_census({s: d.doc for s, d in censuses.items()})
         if due == "fingerprint":
-            return self._publish_fingerprint(summaries)
+            return self._publish_fingerprint({s: d.doc for s, d in summaries.items()}, merged.doc)
         if due == "v0":
-            return self._publish_v0(plans)
+            return self._publish_v0(plans, gfp.doc.revision if c.mode == "ffe" else 0)
         return StepResult(Action.WAIT, due.replace("wait-", "waiting for site ") if due.startswith("wait") else due)
 
     def _read_all(self, key_fn: Callable[[str], str], cls: type) -> dict[str, Any]:
@@ -80,61 +98,105 @@ class SetupPhase:
                 self.quarantine.reject(key, str(exc))
         return out
 
-    def _problem(self, what: str, message: str) -> StepResult:
-        """Record a problem a person must fix in the aggregator's status; report "blocked"."""
-        self.quarantine.reject(f"{layout.AGG_PREFIX}problems/{what}", message)
+    def _problem(self, what: str, message: str, sites: list[str] | tuple[str, ...] = ()) -> StepResult:
+        """Record a problem a person must fix in the aggregator's status, naming the ``sites`` whose
+        documents cause it (their steps then report "blocked" too); report "blocked"."""
+        self.quarantine.reject(f"{layout.AGG_PREFIX}problems/{what}", message, sites)
         self.quarantine.flush()
         return StepResult(Action.BLOCKED, message)
 
-    def _publish_census(self, censuses: dict[str, SiteCensus]) -> StepResult:
-        from ..fl.fingerprint import merge_census
+    def _resolved(self, *whats: str) -> None:
+        """The problems ``whats`` are behind us (a later set-up document fixed them)."""
+        for what in whats:
+            self.quarantine.resolve(f"{layout.AGG_PREFIX}problems/{what}")
+        self.quarantine.flush()
 
+    def _publish_census(self, censuses: dict[str, SiteCensus]) -> StepResult:
+        from ..fl.fingerprint import census_mismatch, merge_census
+
+        mismatch = census_mismatch({s: {"num_channels": d.num_channels, "labels": d.labels,
+                                        "channel_names": d.channel_names} for s, d in censuses.items()})
+        if mismatch:
+            sites, why = mismatch
+            return self._problem("census", f"{why}. Correct the wrong site's dataset, then run "
+                                           f"`{REDO}` there", sites)
         merged = merge_census({s: {"num_cases": d.num_cases, "num_channels": d.num_channels}
                                for s, d in censuses.items()})
-        doc = Census(total_cases=merged["total_cases"], num_channels=merged["num_channels"], sites=merged["sites"])
-        self.bucket.publish(layout.CENSUS, doc, self.identity)
-        return StepResult(Action.CENSUS, f"{doc.total_cases} cases over {len(doc.sites)} sites")
+        first = censuses[min(censuses)]
+        revision = self.revisions.next(layout.census_key)
+        doc = Census(total_cases=merged["total_cases"], num_channels=merged["num_channels"], sites=merged["sites"],
+                     revision=revision, sources={s: d.revision for s, d in censuses.items()},
+                     labels=first.labels, channel_names=first.channel_names)
+        self.bucket.publish(layout.census_key(revision), doc, self.identity)
+        self._resolved("census")
+        what = "superseding census" if revision else "census"
+        return StepResult(Action.CENSUS, f"{what}: {doc.total_cases} cases over {len(doc.sites)} sites")
 
-    def _publish_fingerprint(self, summaries: dict[str, FingerprintSummary]) -> StepResult:
+    def _publish_fingerprint(self, summaries: dict[str, FingerprintSummary], census: Census) -> StepResult:
         from ..fl.fingerprint import merge_summaries
 
-        census = self.bucket.read(layout.CENSUS, Census).doc
+        for s, d in sorted(summaries.items()):
+            n = d.summary.get("num_cases")
+            if isinstance(n, int) and n != census.sites[s]:
+                return self._problem("fingerprint", f"site {s}'s fingerprint summary has {n} cases, its census said "
+                                                    f"{census.sites[s]}: its dataset changed after the census. On "
+                                                    f"site {s}, run `{REDO}` (with its usual options) to supersede "
+                                                    "both, before training starts", [s])
         try:
             fp = merge_summaries({s: d.summary for s, d in summaries.items()},
                                  {"total_cases": census.total_cases, "num_channels": census.num_channels,
                                   "sites": census.sites})
         except ValidationError as exc:
-            self._problem("fingerprint", str(exc))
+            self._problem("fingerprint", str(exc), sorted(summaries))
             return StepResult(Action.BLOCKED, f"cannot merge fingerprints: {exc}")
-        doc = GlobalFingerprint(fingerprint=fp, sites=sorted(summaries), total_cases=census.total_cases)
-        self.bucket.publish(layout.GLOBAL_FINGERPRINT, doc, self.identity)
-        return StepResult(Action.FINGERPRINT, f"merged fingerprint of {len(summaries)} sites published")
+        revision = self.revisions.next(layout.global_fingerprint_key)
+        doc = GlobalFingerprint(fingerprint=fp, sites=sorted(summaries), total_cases=census.total_cases,
+                                revision=revision, sources={s: d.revision for s, d in summaries.items()})
+        self.bucket.publish(layout.global_fingerprint_key(revision), doc, self.identity)
+        self._resolved("census", "fingerprint")
+        what = "superseding merged fingerprint" if revision else "merged fingerprint"
+        return StepResult(Action.FINGERPRINT, f"{what} of {len(summaries)} sites published")
 
-    def _plans_differ(self, plans: dict[str, PlansDocument]) -> str:
-        """Why the sites' plans are not identical ("" when they are), field by field."""
+    def _plans_differ(self, plans: dict[str, PlansDocument]) -> tuple[list[str], str]:
+        """The sites whose plans are not identical and why (([], "") when they are), field by field."""
         sites = self.config.site_names
         digests = {s: plans[s].digest for s in sites}
         if len(set(digests.values())) <= 1:
-            return ""
+            return [], ""
         from ..fl.plans import diff_plans
 
         ref = sites[0]
-        problems = []
+        problems, named = [], [ref]
         for s in sites[1:]:
             if digests[s] != digests[ref]:
                 fields = diff_plans(plans[ref].summary.get("plans", plans[ref].summary),
                                     plans[s].summary.get("plans", plans[s].summary))
                 problems.append(f"{s} differs from {ref} in {', '.join(fields[:8]) or 'unknown fields'}")
-        return (f"{self.config.mode.upper()} sites hold different plans (nnU-Net version, planner or options "
-                "differ): " + "; ".join(problems))
+                named.append(s)
+        return named, (f"{self.config.mode.upper()} sites hold different plans (nnU-Net version, planner or "
+                       "options differ): " + "; ".join(problems))
 
-    def _publish_v0(self, plans: dict[str, PlansDocument]) -> StepResult:
+    def _stale_plans(self, plans: dict[str, PlansDocument], fingerprint_revision: int) -> StepResult | None:
+        """FFE: plans made from a merged fingerprint superseded since cannot start this federation."""
+        stale = sorted(s for s, p in plans.items() if p.fingerprint_revision != fingerprint_revision)
+        if not stale:
+            return None
+        return self._problem("plans", f"site(s) {', '.join(stale)} planned from a merged fingerprint that was "
+                                      f"superseded since (revision {fingerprint_revision} is current); plans are "
+                                      "write-once, so this federation cannot start: create a new federation "
+                                      "(`fedfs init` on a new folder) with the corrected datasets", stale)
+
+    def _publish_v0(self, plans: dict[str, PlansDocument], fingerprint_revision: int = 0) -> StepResult:
         c = self.config
         sites = c.site_names
+        if c.mode == "ffe":
+            stale = self._stale_plans(plans, fingerprint_revision)
+            if stale is not None:
+                return stale
         if c.mode != "asym":
-            differ = self._plans_differ(plans)
+            named, differ = self._plans_differ(plans)
             if differ:
-                return self._problem("plans", differ)
+                return self._problem("plans", differ, named)
         for s in sites:
             if plans[s].init_blob is None:
                 self.quarantine.reject(layout.site_plans(s), "plans document names no initial weights")
@@ -157,4 +219,5 @@ class SetupPhase:
             doc = GlobalManifest(version=0, site_blobs={s: plans[s].init_blob for s in sites},
                                  next_rounds={s: 0 for s in sites}, report={"init": "each site's own initial weights"})
         self.commit(doc)
+        self._resolved("")
         return StepResult(Action.V0, "initial global published; training can start", version=0)

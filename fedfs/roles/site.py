@@ -29,17 +29,14 @@ from ..errors import ConfigError, NotFound, ValidationError
 from ..protocol.rounds import decide_site
 from ..protocol.schema import (
     BlobRef,
-    Census,
-    FingerprintSummary,
-    GlobalFingerprint,
     GlobalManifest,
     PlansDocument,
-    SiteCensus,
     UpdateManifest,
 )
 from .context import FederationContext
 from .heartbeat import HEARTBEAT_EVERY_S, HeartbeatWriter
 from .quarantine import Quarantine
+from .site_setup import SiteSetup
 from .retention import SiteRetention
 from .steps import Action, StepResult
 
@@ -53,7 +50,8 @@ class LocalWork(Protocol):
     """What a site does locally. :class:`fedfs.nnunet.work.NnunetWork` is the nnU-Net one."""
 
     def census(self) -> tuple[int, int]:
-        """(training cases, image channels)."""
+        """(training cases, image channels), after checking the dataset is complete. Optional
+        ``census_names()``: {"labels": ..., "channel_names": ...} as dataset.json has them."""
 
     def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
         """FFE phase 2: the mergeable summary, sampled as for ``total_cases`` federation cases."""
@@ -131,6 +129,7 @@ class Site:
         self.state = SiteState.load(self.state_path)
         self._started = False
         self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log)
+        self.setup = SiteSetup(self)
         self.retention = SiteRetention(self.config, self.bucket, self.name, self.dir)
         self.liveness = HeartbeatWriter(self.bucket, layout.site_heartbeat(self.name), self.identity)
 
@@ -186,6 +185,8 @@ class Site:
             return self._train(d.round, d.base_version, manifest)
         if d.action == "finish":
             return self._finish(version, manifest)
+        if version is None:  # planned, before v0: say "blocked" if the aggregator is blocked on this site
+            return self.setup.wait(d.reason)
         self.heartbeat("waiting", d.reason, round=self.state.updates_sent, base_version=self.state.last_base or -1)
         return StepResult(Action.WAIT, d.reason)
 
@@ -200,31 +201,12 @@ class Site:
 
     # ---- set-up --------------------------------------------------------------------
     def _setup_step(self) -> StepResult:
-        store = self.fed.store
-        gfp = None
+        gfp, gfp_revision = None, 0
         if self.config.mode == "ffe":
-            if not store.exists(layout.site_census(self.name)):
-                n, ch = self.work.census()
-                self.bucket.publish(layout.site_census(self.name), SiteCensus(site=self.name, num_cases=n,
-                                                                              num_channels=ch), self.identity)
-                self.heartbeat("census", f"{n} cases")
-                return StepResult(Action.CENSUS, f"published: {n} cases, {ch} channel(s)")
-            if not store.exists(layout.site_fingerprint(self.name)):
-                try:
-                    census = self.bucket.read(layout.CENSUS, Census).doc
-                except NotFound:
-                    self.heartbeat("waiting", "waiting for the federation census")
-                    return StepResult(Action.WAIT, "waiting for the aggregator's census")
-                summary = self.work.fingerprint_summary(census.total_cases)
-                doc = FingerprintSummary(site=self.name, mode="ffe", total_cases=census.total_cases, summary=summary)
-                self.bucket.publish(layout.site_fingerprint(self.name), doc, self.identity)
-                self.heartbeat("fingerprint", "summary published")
-                return StepResult(Action.FINGERPRINT, f"summary published ({census.total_cases} federation cases)")
-            try:
-                gfp = self.bucket.read(layout.GLOBAL_FINGERPRINT, GlobalFingerprint).doc.fingerprint
-            except NotFound:
-                self.heartbeat("waiting", "waiting for the merged fingerprint")
-                return StepResult(Action.WAIT, "waiting for the merged fingerprint")
+            due = self.setup.step()  # census, summary (each superseded on request), or the merged fingerprint
+            if isinstance(due, StepResult):
+                return due
+            gfp_revision, gfp = due
         self.heartbeat("planning", "planning and preprocessing")
         identifier, summary, digest = self.work.plan(gfp)
         self.work.start(self.total_epochs)
@@ -233,7 +215,8 @@ class Site:
         self.work.initial_weights(str(init))
         ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), str(init))
         doc = PlansDocument(site=self.name, plans_identifier=identifier, configuration=self.config.configuration,
-                            digest=digest, summary=summary, init_blob=ref, nnunet_version=summary.get("nnunet_version", ""))
+                            digest=digest, summary=summary, init_blob=ref, nnunet_version=summary.get("nnunet_version", ""),
+                            fingerprint_revision=gfp_revision)
         self.bucket.publish(layout.site_plans(self.name), doc, self.identity)
         self.state.planned, self.state.plans_digest = True, digest
         self._save()

@@ -3,7 +3,8 @@
 Each site "trains" a small convolutional model towards a site-specific target
 by a few steps of SGD on synthetic data. It needs no nnU-Net and runs in
 milliseconds, so the protocol (rounds, barriers, staleness, crashes) can be
-exercised end to end. ``depth`` changes the architecture, for AsymFedAvg.
+exercised end to end. ``depth`` changes the architecture, for AsymFedAvg; ``labels``
+and ``cases`` may be changed between steps, as a site's engineer edits a dataset.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class ToyWork:
     """A site's local work on a toy model; deterministic given ``seed``."""
 
     def __init__(self, name: str, cases: int = 4, seed: int = 0, depth: int = 2, width: int = 8,
-                 lr: float = 0.1, steps: int = 5, delay_s: float = 0.0) -> None:
+                 lr: float = 0.1, steps: int = 5, delay_s: float = 0.0, labels: dict[str, int] | None = None) -> None:
         self.name, self.cases, self.seed, self.depth, self.width = name, cases, seed, depth, width
+        self.labels = dict(labels) if labels is not None else {"background": 0, "foreground": 1}
         self.lr, self.steps, self.delay_s = lr, steps, delay_s
         self.model = None
         self.epoch = 0
@@ -33,6 +35,10 @@ class ToyWork:
 
     def census(self) -> tuple[int, int]:
         return self.cases, 1
+
+    def census_names(self) -> dict[str, Any]:
+        """What a dataset.json says: label names and channel names (the census carries both)."""
+        return {"labels": dict(self.labels), "channel_names": {"0": "toy"}}
 
     def fingerprint_summary(self, total_cases: int) -> dict[str, Any]:
         from ..fl.fingerprint import SiteSummaryBuilder, summarize_samples
