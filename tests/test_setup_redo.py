@@ -77,6 +77,15 @@ def test_a_wrong_census_blocks_naming_the_site_and_the_command_and_a_redo_recove
     v1 = bucket.read(layout.global_version(1), GlobalManifest).doc
     assert [c.weight for c in v1.contributions] == [5.0, 3.0, 1.0]
     assert not fed.bucket.read(layout.AGG_STATUS, StatusDocument).doc.rejected  # the problem is resolved
+    # the report and bundles see the newest revisions
+    from fedfs.ops.bundle_export import files_from_site
+    from fedfs.ops.bundle_format import document_class
+    from fedfs.ops.history import collect_history
+
+    history = collect_history(fed, layers=False)
+    assert history["sites"]["A"]["cases"] == 5
+    assert layout.site_census("A", 1) in files_from_site(fed, "A", everything=True)
+    assert document_class(layout.site_census("A", 1)) is SiteCensus
 
 
 def test_a_redo_after_the_merged_fingerprint_supersedes_it(tmp_path, keys):

@@ -12,7 +12,9 @@ import os
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -52,11 +54,16 @@ def _existing(fed: Federation, keys: tuple[str, ...]) -> list[str]:
     return [key for key in keys if fed.store.exists(key)]
 
 
+def _revisions(fed: Federation, *families: Callable[[int], str]) -> list[str]:
+    """Every revision of each superseding set-up document family (a census redo before v0)."""
+    return [key for key_of in families for key in layout.all_revisions(key_of, fed.store.exists)]
+
+
 def files_for_site(fed: Federation, site: str) -> list[str]:
     """Keys a site needs for its next step: the set-up documents and the newest global with its weights."""
-    keys = [layout.FEDERATION] + _existing(fed, (layout.CENSUS, layout.GLOBAL_FINGERPRINT, layout.LATEST,
-                                                 layout.site_census(site), layout.site_fingerprint(site),
-                                                 layout.site_plans(site)))
+    keys = [layout.FEDERATION] + _revisions(fed, layout.census_key, layout.global_fingerprint_key,
+                                            partial(layout.site_census, site), partial(layout.site_fingerprint, site))
+    keys += _existing(fed, (layout.LATEST, layout.site_plans(site)))
     latest = _latest_global(fed)
     if latest is not None:
         keys.append(latest.key)
@@ -72,7 +79,8 @@ def files_from_site(fed: Federation, site: str, everything: bool = False) -> lis
 
     latest = _latest_global(fed)
     cursor = 0 if latest is None or everything else latest.doc.next_rounds.get(site, 0)
-    keys = _existing(fed, (layout.site_census(site), layout.site_fingerprint(site), layout.site_plans(site)))
+    keys = _revisions(fed, partial(layout.site_census, site), partial(layout.site_fingerprint, site))
+    keys += _existing(fed, (layout.site_plans(site),))
     if layout.site_plans(site) in keys and (latest is None or everything):
         init = fed.bucket.read(layout.site_plans(site), PlansDocument).doc.init_blob
         if init is not None:

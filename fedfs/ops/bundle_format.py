@@ -60,6 +60,7 @@ class BundleManifest(Document):
 # ---- which documents live where ------------------------------------------------------------
 def document_class(key: str) -> type[Document] | None:
     """The document class a key holds, or None if it is not a fedfs document key."""
+    key = layout.revision_zero(key)  # a superseding census or fingerprint holds what revision 0 holds
     from ..protocol.schema import (Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, Heartbeat, LatestHint,
                                    PlansDocument, SiteCensus, StatusDocument, UpdateManifest)
 

@@ -12,7 +12,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FedfsError
@@ -67,7 +69,7 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
                             "state": "aggregated" if into else ("rejected" if reason else "pending"),
                             "reason": reason})
         hb = r.read(layout.site_heartbeat(site), Heartbeat)
-        census = r.read(layout.site_census(site), SiteCensus)
+        census = _newest(r, partial(layout.site_census, site), SiteCensus)
         plans = r.read(layout.site_plans(site), PlansDocument)
         rejected += r.rejections(layout.site_status(site), site)
         sites[site] = {
@@ -87,8 +89,8 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
         if sites[u["site"]]["cases"] is None:
             sites[u["site"]]["cases"] = u["num_cases"]
 
-    census = r.read(layout.CENSUS, Census)
-    gfp = r.read(layout.GLOBAL_FINGERPRINT, GlobalFingerprint)
+    census = _newest(r, layout.census_key, Census)
+    gfp = _newest(r, layout.global_fingerprint_key, GlobalFingerprint)
     out = {
         "url": fed.store.url, "federation_id": c.federation_id, "federation_digest": fed.digest,
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -109,6 +111,12 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
     if layers and c.mode == "asym":
         out["layers"] = _layer_table(fed, sites, r)
     return out
+
+
+def _newest(r: VerifiedReader, key_of: Callable[[int], str], cls: type) -> Any:
+    """The newest revision of a superseding set-up document (a census redone before v0), or None."""
+    newest = layout.newest_revision(key_of, None, r.exists)
+    return None if newest is None else r.read(key_of(newest), cls)
 
 
 def fingerprint_summary(fp: dict[str, Any], total_cases: int, sites: list[str]) -> dict[str, Any]:

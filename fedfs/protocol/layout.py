@@ -218,6 +218,22 @@ def newest_revision(key_of: Callable[[int], str], known: int | None, exists: Cal
     return None if n < 0 else n
 
 
+_REVISION_RE = re.compile(r"^(.+/fingerprint/(?:census|summary|global))-([1-9]\d*)\.json$")
+
+
+def revision_zero(key: str) -> str:
+    """``.../fingerprint/census-3.json`` -> ``.../fingerprint/census.json`` (the family's first key);
+    any other key unchanged. Readers that know documents by key use it for superseding revisions."""
+    m = _REVISION_RE.match(key) if isinstance(key, str) else None
+    return f"{m.group(1)}.json" if m else key
+
+
+def all_revisions(key_of: Callable[[int], str], exists: Callable[[str], bool]) -> list[str]:
+    """Every published revision's key of ``key_of``'s family, oldest first (bundles carry them all)."""
+    newest = newest_revision(key_of, None, exists)
+    return [] if newest is None else [key_of(n) for n in range(newest + 1)]
+
+
 def writer_of(key: str) -> tuple[str, str] | None:
     """Which party may write ``key``: ("site", name), ("aggregator", "") or None (federation.json)."""
     parts = key.split("/")
