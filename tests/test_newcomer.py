@@ -7,12 +7,14 @@ both sites as daemons in the background, ``fedfs status`` while they run, ``fedf
 export`` at a hospital and ``nnUNetv2_predict_from_modelfolder -device cpu`` on its
 held-out cases. Real nnU-Net with the tiny trainer and a handful of iterations.
 
-Not replayed: a census correction (issue 15 asks for one once `fedfs site census --redo`
-or an equivalent exists; it did not when this test was written).
+Before the daemons start, HospitalA corrects its dataset after its census was merged (one
+case removed) and supersedes the census with ``fedfs site fingerprint --redo``; the
+federation then trains on the corrected count.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +59,19 @@ def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path], poll) -> No
                          "; ".join(f"{n}: {logs[n].read_text()[-800:]}" for n in procs))
 
 
+def _census_correction(env: dict[str, str], dataset: Path, agg: list[str], party: dict[str, list[str]]) -> None:
+    """Censuses published and merged (16 + 12 cases); HospitalA then drops a case and supersedes its census."""
+    for name in SITES:
+        assert "census" in _fedfs(env, "site", "fingerprint", *party[name])
+    assert "28 cases over 2 sites" in _fedfs(env, "aggregator", "step", *agg)
+    case = sorted((dataset / "labelsTr").glob("*.nii.gz"))[-1].name[:-len(".nii.gz")]
+    (dataset / "labelsTr" / f"{case}.nii.gz").unlink()
+    (dataset / "imagesTr" / f"{case}_0000.nii.gz").unlink()
+    meta = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps({**meta, "numTraining": meta["numTraining"] - 1}))
+    assert "was 16 cases" in _fedfs(env, "site", "fingerprint", "--redo", *party["HospitalA"])
+
+
 def test_a_newcomer_federation_from_synth_to_predict(tmp_path):
     env = _env(tmp_path)
     data = tmp_path / "data"
@@ -74,11 +89,14 @@ def test_a_newcomer_federation_from_synth_to_predict(tmp_path):
     poll = ["--watch", "poll", "--poll-interval", "0.5"]
     tiny = ["-tr", "nnUNetTrainerFedfsTiny", "--iterations-per-epoch", "3", "--val-iterations", "1",
             "-np", "1", "-npfp", "1", "--no-final-validation", "-device", "cpu"]
-    cmds = {"aggregator": ["aggregator", "run", bucket, "--key", str(keys / "coordinator.key"),
-                           "--workdir", str(tmp_path / "work" / "aggregator")] + poll}
-    for name, ds in SITES.items():
-        cmds[name] = ["site", "run", bucket, "--key", str(keys / f"{name}.key"), "--workdir",
-                      str(tmp_path / "work" / name), "-d", str(ds)] + tiny + poll
+    agg = [bucket, "--key", str(keys / "coordinator.key"), "--workdir", str(tmp_path / "work" / "aggregator")]
+    party = {name: [bucket, "--key", str(keys / f"{name}.key"), "--workdir", str(tmp_path / "work" / name),
+                    "-d", str(ds)] + tiny for name, ds in SITES.items()}
+    _census_correction(env, data / "nnUNet_raw" / "Dataset501_SiteA", agg, party)
+
+    cmds = {"aggregator": ["aggregator", "run"] + agg + poll}
+    for name in SITES:
+        cmds[name] = ["site", "run"] + party[name] + poll
     logs = {n: tmp_path / f"{n}.log" for n in cmds}
     procs = {n: subprocess.Popen(FEDFS + c, env=env, stdout=open(logs[n], "wb"), stderr=subprocess.STDOUT,
                                  start_new_session=True) for n, c in cmds.items()}
@@ -96,6 +114,7 @@ def test_a_newcomer_federation_from_synth_to_predict(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
     assert all("HospitalA" in s and "HospitalB" in s for s in seen), seen[-1]
     assert "training on cpu" in logs["HospitalA"].read_text()  # the device, said at start
+    assert "(27 federation cases)" in logs["HospitalA"].read_text()  # 15 + 12: the corrected census counted
     assert "final" in _fedfs(env, "status", bucket).lower()
 
     models = tmp_path / "models" / "liver"
