@@ -34,6 +34,7 @@ from ..protocol.schema import (
     UpdateManifest,
 )
 from .context import FederationContext
+from .installation import Installation
 from .heartbeat import HEARTBEAT_EVERY_S, HeartbeatWriter
 from .quarantine import Quarantine
 from .site_setup import SiteSetup
@@ -125,6 +126,8 @@ class Site:
         self.dir = Path(workdir)
         (self.dir / "updates").mkdir(parents=True, exist_ok=True)
         (self.dir / "globals").mkdir(parents=True, exist_ok=True)
+        self.installation = Installation(self.dir, self.name)  # which machine this is (two with one key stop)
+        self.identity = self.installation.sign_as(self.identity)
         self.state_path = self.dir / "state.json"
         self.state = SiteState.load(self.state_path)
         self._started = False
@@ -143,6 +146,7 @@ class Site:
     def heartbeat(self, phase: str, message: str = "", **kw: Any) -> None:
         """Write the heartbeat hint when the phase or message changes, else at most once a minute
         (see :class:`~fedfs.roles.heartbeat.HeartbeatWriter`)."""
+        self.installation.check_heartbeat(self.bucket)  # another machine writing it? then stop (Blocked)
         self.liveness.beat(phase, message, **kw)
 
     def run(self, **kw: Any) -> StepResult | None:
@@ -160,6 +164,7 @@ class Site:
         never used: it is recorded with the reason in this site's signed status document
         (``sites/<S>/status.json``) and the step reports "blocked"; the site keeps polling.
         """
+        self.installation.check_once(self.bucket)  # another machine publishing as this site? then stop (Blocked)
         try:
             with self.liveness.alive():  # a long round or final validation still shows signs of life
                 return self._step()

@@ -40,7 +40,7 @@ from ..errors import (
     ValidationError,
 )
 from ..protocol.schema import BlobRef, FederationConfig
-from .signing import Identity, parse_envelope, parse_public_key, verify_envelope
+from .signing import Identity, installation_of, parse_envelope, parse_public_key, verify_envelope
 from ..store import Store, sha256_file
 
 D = TypeVar("D", bound=Document)
@@ -72,6 +72,22 @@ def _naming(key: str) -> Iterator[None]:
         if exc.key is None:
             exc.key = key
         raise
+
+
+def _probable_cause(existing: dict[str, Any], mine: dict[str, Any]) -> str:
+    """What probably put a different document where ``mine`` was to be published (for the Conflict)."""
+    signer = mine["signer"]
+    if existing.get("signer") != signer:
+        return f"another party wrote it, not {signer!r}"
+    theirs, ours = installation_of(str(existing.get("writer_token", ""))), installation_of(mine["writer_token"])
+    if theirs is not None and ours is not None and theirs != ours:
+        return (f"installation {theirs} wrote it and this is {ours}, so two machines publish as {signer!r}: two "
+                f"daemons share one key, or a key was copied; stop one, or give each party its own key")
+    if theirs is not None and theirs == ours:
+        return ("this machine wrote it before and now computes something else: its local state was reset (state.json "
+                "moved away) or its data or options changed since; a write-once file is never replaced")
+    return (f"either another machine publishes as {signer!r} (two daemons share one key, or a key was copied), "
+            "or this party's local state was reset and it now computes something else")
 
 
 class Bucket:
@@ -194,13 +210,16 @@ class Bucket:
     def _resolve_existing(self, key: str, doc: Document, env: dict[str, Any], where: str) -> Signed[Any]:
         try:
             existing = self.read_raw_envelope(key)
+            if self.config is not None:  # a forged envelope is neither ours nor another machine's
+                self._check_signer(key, existing, where)
         except (SchemaError, SignatureError) as exc:
-            raise Conflict(f"{where}: already exists and is not a valid document ({exc})") from None
+            raise Conflict(f"{where}: already exists and is not a valid document ({exc})", key=key) from None
         same_token = existing.get("writer_token") == env["writer_token"]
         same_content = existing.get("signer") == env["signer"] and existing.get("body") == env["body"]
         if same_token or same_content:
             return self._signed(key, doc, existing, canonical_json(existing))
-        raise Conflict(f"{where}: already published by {existing.get('signer')!r} with different content")
+        raise Conflict(f"{where}: already published by {existing.get('signer')!r} with different content: "
+                       f"{_probable_cause(existing, env)}", key=key)
 
     @staticmethod
     def _signed(key: str, doc: Document, env: dict[str, Any], data: bytes) -> Signed[Any]:

@@ -3,8 +3,12 @@
 An envelope is JSON::
 
     {"envelope": "fedfs-signed-v1", "signer": "A", "role": "site",
-     "writer_token": "<uuid4 hex>", "signed_at": "2026-...Z",
+     "writer_token": "[<installation>.]<uuid4 hex>", "signed_at": "2026-...Z",
      "body": {...document...}, "signature": "<base64 Ed25519>"}
+
+The writer token is new for every envelope; a party that knows which installation it is
+(:mod:`fedfs.roles.installation`) prefixes it with that installation's token, so a reader can
+tell two machines signing with one key apart (:func:`installation_of`).
 
 The signature covers ``b"fedfs-signed-v1\\n" + canonical_json(envelope without
 "signature")``, so signer, role, token, time and body are all bound. A reader
@@ -46,6 +50,7 @@ class Identity:
     name: str
     role: str
     private_key: Ed25519PrivateKey
+    installation: str = ""  # which machine signs (see the module doc); "" = not said
 
     @property
     def public_key_b64(self) -> str:
@@ -57,12 +62,23 @@ class Identity:
             "envelope": ENVELOPE,
             "signer": self.name,
             "role": self.role,
-            "writer_token": writer_token or uuid.uuid4().hex,
+            "writer_token": writer_token or new_writer_token(self.installation),
             "signed_at": utcnow(),
             "body": body,
         }
         env["signature"] = base64.b64encode(self.private_key.sign(_DOMAIN + canonical_json(env))).decode()
         return env
+
+
+def new_writer_token(installation: str = "") -> str:
+    """A fresh writer token, ``<installation>.<uuid4 hex>`` when the installation is known."""
+    return f"{installation}.{uuid.uuid4().hex}" if installation else uuid.uuid4().hex
+
+
+def installation_of(writer_token: str) -> str | None:
+    """The installation that wrote an envelope, from its writer token (None: not said)."""
+    head, dot, _ = writer_token.rpartition(".")
+    return head if dot and head else None
 
 
 def public_key_b64(key: Ed25519PublicKey) -> str:
