@@ -92,3 +92,12 @@ def test_docs_list_each_options_variable_and_key():
     assert "| `--federation-digest` | `FEDFS_FEDERATION_DIGEST` | `federation_digest` |" in text
     for var in OTHER_VARIABLES:
         assert f"| `{var}` |" in text
+
+
+def test_the_example_config_files_use_only_known_keys():
+    import tomllib
+
+    known = {k for keys in known_names(main).keys for k in keys}
+    for path in sorted((ROOT / "examples").rglob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        assert {k.replace("-", "_") for k in data} <= known, path
