@@ -97,7 +97,8 @@ def fed(tmp_path_factory):
 
 def test_census_counts_cases_by_id_and_name(fed):
     # Assert
-    assert nn.site_census(611) == {"num_cases": 5, "num_channels": 1}
+    assert nn.site_census(611) == {"num_cases": 5, "num_channels": 1, "channel_names": {"0": "CT"},
+                                   "labels": {"background": 0, "organ": 1}}
     assert nn.count_cases("Dataset613_SiteC") == 3
     assert fed["census"] == {"total_cases": 12, "num_channels": 1, "sites": {"A": 5, "B": 4, "C": 3}}
 
