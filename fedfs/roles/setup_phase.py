@@ -14,11 +14,12 @@ new revision, and plans made from a superseded fingerprint block ``v0``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ..errors import NotFound, ValidationError
+from ..errors import Conflict, NotFound, ValidationError
 from ..protocol import layout
 from ..protocol.rounds import SetupState, setup_due
 from ..protocol.schema import Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, PlansDocument, SiteCensus
@@ -76,9 +77,11 @@ class SetupPhase:
             st.plans_sites = set(plans)
         due = setup_due(c, st)
         if due == "census":
-            return self._publish_census({s: d.doc for s, d in censuses.items()})
+            return self._publish_census({s: d.doc for s, d in censuses.items()},
+                                        0 if merged is None else merged.doc.revision + 1)
         if due == "fingerprint":
-            return self._publish_fingerprint({s: d.doc for s, d in summaries.items()}, merged.doc)
+            return self._publish_fingerprint({s: d.doc for s, d in summaries.items()}, merged.doc,
+                                             0 if gfp is None else gfp.doc.revision + 1)
         if due == "v0":
             return self._publish_v0(plans, gfp.doc.revision if c.mode == "ffe" else 0)
         return StepResult(Action.WAIT, due.replace("wait-", "waiting for site ") if due.startswith("wait") else due)
@@ -111,7 +114,8 @@ class SetupPhase:
             self.quarantine.resolve(f"{layout.AGG_PREFIX}problems/{what}")
         self.quarantine.flush()
 
-    def _publish_census(self, censuses: dict[str, SiteCensus]) -> StepResult:
+    def _publish_census(self, censuses: dict[str, SiteCensus], revision: int) -> StepResult:
+        """Merge the censuses into revision ``revision`` (the one after the newest this step saw)."""
         from ..fl.fingerprint import census_mismatch, merge_census
 
         mismatch = census_mismatch({s: {"num_channels": d.num_channels, "labels": d.labels,
@@ -123,16 +127,20 @@ class SetupPhase:
         merged = merge_census({s: {"num_cases": d.num_cases, "num_channels": d.num_channels}
                                for s, d in censuses.items()})
         first = censuses[min(censuses)]
-        revision = self.revisions.next(layout.census_key)
         doc = Census(total_cases=merged["total_cases"], num_channels=merged["num_channels"], sites=merged["sites"],
                      revision=revision, sources={s: d.revision for s, d in censuses.items()},
                      labels=first.labels, channel_names=first.channel_names)
-        self.bucket.publish(layout.census_key(revision), doc, self.identity)
+        published = self._publish_revision(layout.census_key, doc)
+        if published is None:
+            return StepResult(Action.WAIT, f"another aggregator run published census revision {revision} first")
+        revision = published.revision
         self._resolved("census")
         what = "superseding census" if revision else "census"
         return StepResult(Action.CENSUS, f"{what}: {doc.total_cases} cases over {len(doc.sites)} sites")
 
-    def _publish_fingerprint(self, summaries: dict[str, FingerprintSummary], census: Census) -> StepResult:
+    def _publish_fingerprint(self, summaries: dict[str, FingerprintSummary], census: Census,
+                             revision: int) -> StepResult:
+        """Merge the summaries into revision ``revision`` (the one after the newest this step saw)."""
         from ..fl.fingerprint import merge_summaries
 
         for s, d in sorted(summaries.items()):
@@ -149,13 +157,37 @@ class SetupPhase:
         except ValidationError as exc:
             self._problem("fingerprint", str(exc), sorted(summaries))
             return StepResult(Action.BLOCKED, f"cannot merge fingerprints: {exc}")
-        revision = self.revisions.next(layout.global_fingerprint_key)
         doc = GlobalFingerprint(fingerprint=fp, sites=sorted(summaries), total_cases=census.total_cases,
                                 revision=revision, sources={s: d.revision for s, d in summaries.items()})
-        self.bucket.publish(layout.global_fingerprint_key(revision), doc, self.identity)
+        published = self._publish_revision(layout.global_fingerprint_key, doc)
+        if published is None:
+            return StepResult(Action.WAIT, f"another aggregator run published fingerprint revision {revision} first")
+        revision = published.revision
         self._resolved("census", "fingerprint")
         what = "superseding merged fingerprint" if revision else "merged fingerprint"
         return StepResult(Action.FINGERPRINT, f"{what} of {len(summaries)} sites published")
+
+    def _publish_revision(self, key_of: Callable[[int], str], doc: Any) -> Any | None:
+        """Publish a merged revision at the number the step's own view gave it (``doc.revision``).
+
+        A second aggregator run that merged the same inputs wrote the same body there: that is
+        success (the publish is idempotent). A valid document with another body means the inputs
+        moved on meanwhile: None, step again. A file there that does not verify is skipped (the
+        next number is tried). Taking the next free number at publish time instead let a
+        concurrent run supersede an identical revision, which blocked v0 for good."""
+        for _ in range(8):
+            key = key_of(doc.revision)
+            try:
+                self.bucket.publish(key, doc, self.identity)
+                return doc
+            except Conflict:
+                try:
+                    self.bucket.read(key, type(doc))
+                    return None
+                except ValidationError as exc:
+                    self.quarantine.reject(key, str(exc))
+                    doc = dataclasses.replace(doc, revision=doc.revision + 1)
+        return None
 
     def _plans_differ(self, plans: dict[str, PlansDocument]) -> tuple[list[str], str]:
         """The sites whose plans are not identical and why (([], "") when they are), field by field."""
