@@ -27,7 +27,7 @@ from fedfs.roles.heartbeat import HeartbeatWriter
 from fedfs.roles.loop import Outage, run_loop
 from fedfs.roles.site import Site
 from fedfs.roles.steps import Action, StepResult
-from fedfs.testing.toy import ToyWork
+from fedfs.testing.toy import ToyWork, toy_federation
 from fedfs.trust.signing import generate_keypair
 
 HOUR = 3600.0
@@ -37,16 +37,7 @@ _NOW = time.time()
 @pytest.fixture(scope="module")
 def half_way(tmp_path_factory):
     """v0 out, then every site publishes its r0 update and everything stops: the aggregator 'died'."""
-    root = tmp_path_factory.mktemp("live")
-    keys = root / "keys"
-    generate_keypair("agg", "aggregator", keys)
-    for s in "AB":
-        generate_keypair(s, "site", keys)
-    config, agg = config_from_key_dir(keys, ["A", "B"], rounds=3)
-    fed, _ = Federation.create(str(root / "bucket"), config, agg)
-    aggregator = Aggregator(fed.as_party(keys / "agg.key"), root / "agg")
-    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=2, seed=i), root / s)
-             for i, s in enumerate("AB")}
+    fed, aggregator, sites = toy_federation(tmp_path_factory.mktemp("live"), rounds=3)
     for _ in range(30):  # the aggregator runs until v0 is out, the sites until each sent r0
         if aggregator.latest_version() is None:
             aggregator.step()

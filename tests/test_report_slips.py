@@ -13,14 +13,10 @@ import re
 
 import pytest
 
-from fedfs.federation import Federation, config_from_key_dir
 from fedfs.ops.history import collect_history, fingerprint_summary
 from fedfs.ops.report import render_html
 from fedfs.ops.status import rule_label
-from fedfs.roles.aggregator import Aggregator
-from fedfs.roles.site import Site
-from fedfs.testing.toy import ToyWork
-from fedfs.trust.signing import generate_keypair
+from fedfs.testing.toy import ToyWork, toy_federation
 
 
 class ValidatingToy(ToyWork):
@@ -32,16 +28,8 @@ class ValidatingToy(ToyWork):
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slips")
-    keys = root / "keys"
-    generate_keypair("agg", "aggregator", keys)
-    for s in "AB":
-        generate_keypair(s, "site", keys)
-    config, agg = config_from_key_dir(keys, ["A", "B"], rounds=2)
-    fed, _ = Federation.create(str(root / "bucket"), config, agg)
-    aggregator = Aggregator(fed.as_party(keys / "agg.key"), root / "agg")
-    sites = [Site(fed.as_party(keys / f"{s}.key"), ValidatingToy(s, cases=2, seed=i), root / s)
-             for i, s in enumerate("AB")]
+    fed, aggregator, by_name = toy_federation(tmp_path_factory.mktemp("slips"), work=ValidatingToy, rounds=2)
+    sites = list(by_name.values())
     for _ in range(40):
         if all(s.state.finished for s in sites):
             break

@@ -120,3 +120,27 @@ class ToyWork:
     def finish(self, global_path: str) -> dict[str, Any]:
         self._load(global_path)
         return {"epochs": self.epoch}
+
+
+def toy_federation(root: Any, names: str | list[str] = "AB", *, work: type = ToyWork, cases: int = 2,
+                   **settings: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """A fresh federation of toy sites on a folder under ``root`` (keys in ``root/keys``):
+    returns (federation, its aggregator, {site name: site}); ``settings`` go to the config."""
+    from pathlib import Path
+
+    from ..federation import Federation, config_from_key_dir
+    from ..roles.aggregator import Aggregator
+    from ..roles.site import Site
+    from ..trust.signing import generate_keypair
+
+    root, names = Path(root), list(names)
+    keys = root / "keys"
+    generate_keypair("agg", "aggregator", keys)
+    for s in names:
+        generate_keypair(s, "site", keys)
+    config, agg = config_from_key_dir(keys, names, **settings)
+    fed, _ = Federation.create(str(root / "bucket"), config, agg)
+    aggregator = Aggregator(fed.as_party(keys / "agg.key"), root / "agg")
+    sites = {s: Site(fed.as_party(keys / f"{s}.key"), work(s, cases=cases, seed=i), root / s)
+             for i, s in enumerate(names)}
+    return fed, aggregator, sites
