@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent / "fedfs"
 
 LAYER_OF_PACKAGE = {
     "protocol": "core", "fl": "core",
-    "store": "edge", "trust": "edge", "weights": "edge", "nnunet": "edge",
+    "store": "edge", "trust": "edge", "weights": "edge", "nnunet": "edge", "privacy": "edge",
     "roles": "roles", "federation": "facade", "ops": "ops", "cli": "cli", "testing": "testing",
     "errors": "base", "__init__": "top", "__main__": "cli",
 }
