@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..protocol.documents import canonical_json
+from ..protocol.documents import brief, canonical_json
 from ..errors import ConfigError, SchemaError, SignatureError
 from ..protocol.layout import check_name
 from ..protocol.timestamps import utcnow
@@ -41,6 +41,7 @@ from ..protocol.timestamps import utcnow
 ENVELOPE = "fedfs-signed-v1"
 _DOMAIN = ENVELOPE.encode() + b"\n"
 _ENVELOPE_FIELDS = {"envelope", "signer", "role", "writer_token", "signed_at", "body", "signature"}
+_MAX_ENVELOPE_STRING = 512  # names, tokens, stamps and a base64 signature are far shorter
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ def public_key_b64(key: Ed25519PublicKey) -> str:
 
 
 def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
+    """A base64 raw Ed25519 public key; anything else is a SchemaError naming ``where``."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise SchemaError(f"{where}: not a base64 Ed25519 public key ({brief(text)})")
     try:
         raw = base64.b64decode(text, validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
@@ -156,11 +160,12 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
 
 
 def parse_envelope(data: Any, where: str) -> dict[str, Any]:
-    """Check the envelope's shape (not yet its signature)."""
+    """Check the envelope's shape (not yet its signature); total: any parsed JSON either passes or
+    is a SchemaError/SignatureError naming ``where``."""
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: expected a signed fedfs document (a JSON object)")
-    if data.get("envelope") != ENVELOPE:
-        raise SchemaError(f"{where}: not a signed fedfs document (envelope {data.get('envelope')!r})")
+    if type(data.get("envelope")) is not str or data["envelope"] != ENVELOPE:
+        raise SchemaError(f"{where}: not a signed fedfs document (envelope {brief(data.get('envelope'))})")
     missing = _ENVELOPE_FIELDS - set(data)
     if "signature" in missing:
         raise SignatureError(f"{where}: document is not signed")
@@ -168,10 +173,13 @@ def parse_envelope(data: Any, where: str) -> dict[str, Any]:
         raise SchemaError(f"{where}: envelope is missing {', '.join(sorted(missing))}")
     extra = set(data) - _ENVELOPE_FIELDS
     if extra:
-        raise SchemaError(f"{where}: envelope has unknown field(s) {', '.join(sorted(extra))}")
+        raise SchemaError(f"{where}: envelope has unknown field(s) {', '.join(brief(k, 40) for k in sorted(extra)[:5])}")
     for f in ("signer", "role", "writer_token", "signed_at", "signature"):
         if not isinstance(data[f], str):
             raise SchemaError(f"{where}: envelope field {f!r} must be a string")
+        if len(data[f]) > _MAX_ENVELOPE_STRING:
+            raise SchemaError(f"{where}: envelope field {f!r} is {len(data[f])} characters (the limit is "
+                              f"{_MAX_ENVELOPE_STRING})")
     if not isinstance(data["body"], dict):
         raise SchemaError(f"{where}: envelope body must be a JSON object")
     return data
