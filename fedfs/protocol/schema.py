@@ -23,6 +23,28 @@ ROLES = ("site", "aggregator")
 MIN_KEEP_GLOBALS = 2
 #: nnU-Net's standard configurations; a custom planner's own names need ``fedfs init --custom-configuration``.
 STANDARD_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+#: Refused at ``fedfs init``: the cascade (docs/nnunet.md, Cascade). 3d_cascade_fullres trains on the
+#: 3d_lowres model's predictions of every training case (nnU-Net's predict_next_stage over all five
+#: folds' validation), which no site has and the bucket never carries; 3d_lowres exists only where a
+#: planner finds the fullres patch too small, so some sites' plans lack it (AsymFedAvg then fails).
+CASCADE_CONFIGURATIONS = {
+    "3d_lowres": "it exists only where nnU-Net's planner finds the full-resolution patch too small for the "
+                 "images, so some sites' plans lack it, and on its own it is only the first stage of the cascade",
+    "3d_cascade_fullres": "it trains on the 3d_lowres model's predictions of every training case (nnU-Net's "
+                          "predict_next_stage over all five folds), which a federation never produces",
+}
+#: nnU-Net's experiment planners and the plans identifier each writes (the default of its
+#: ``plans_name``; tests/test_nnunet_presets.py checks this table against nnU-Net's classes).
+PLANNERS = {
+    "ExperimentPlanner": "nnUNetPlans",
+    "nnUNetPlannerResEncM": "nnUNetResEncUNetMPlans",
+    "nnUNetPlannerResEncL": "nnUNetResEncUNetLPlans",
+    "nnUNetPlannerResEncXL": "nnUNetResEncUNetXLPlans",
+    "ResEncUNetPlanner": "nnUNetResEncUNetPlans",
+}
+DEFAULT_PLANNER = "ExperimentPlanner"
+_CLASS_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_PLANS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_configuration(name: str, custom: bool = False) -> str:
@@ -32,6 +54,9 @@ def check_configuration(name: str, custom: bool = False) -> str:
 
     from ..errors import ConfigError
 
+    if name in CASCADE_CONFIGURATIONS:
+        raise ConfigError(f"configuration {name!r} is not supported in a federation: {CASCADE_CONFIGURATIONS[name]}; "
+                          "train 3d_fullres or 2d (docs/nnunet.md, Cascade)")
     if name in STANDARD_CONFIGURATIONS:
         return name
     if custom and isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
@@ -80,6 +105,8 @@ class FederationConfig(Document):
     seed: int = 12345
     update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
     keep_globals: int = 0  # retention: keep the payloads of the last K globals (protocol/retention.py); 0 = all
+    planner: str = DEFAULT_PLANNER  # nnU-Net's -pl, the same at every site
+    plans_identifier: str = ""  # nnU-Net's -p; "": what the planner writes (see plans_name)
     created: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +127,15 @@ class FederationConfig(Document):
         require(self.update_norm_limit >= 0, where, "update_norm_limit must be >= 0")
         require(self.keep_globals == 0 or self.keep_globals >= MIN_KEEP_GLOBALS, where,
                 f"keep_globals must be 0 (keep every global) or at least {MIN_KEEP_GLOBALS}, got {self.keep_globals}")
+        require(isinstance(self.planner, str) and bool(_CLASS_NAME_RE.fullmatch(self.planner)), where,
+                f"planner must be a Python class name, got {self.planner!r}")
+        require(isinstance(self.plans_identifier, str) and (self.plans_identifier == "" or bool(
+            _PLANS_NAME_RE.fullmatch(self.plans_identifier))), where,
+                f"plans_identifier must be a plain file name stem, got {self.plans_identifier!r}")
+        other = [p for p, ident in PLANNERS.items() if ident == self.plans_identifier and p != self.planner]
+        require(not other or PLANNERS.get(self.planner) == self.plans_identifier, where,
+                f"plans_identifier {self.plans_identifier!r} is what {other[0] if other else ''} writes, not "
+                f"{self.planner}: a site would train another planner's plans (leave it empty to derive it)")
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")
@@ -109,6 +145,12 @@ class FederationConfig(Document):
             require(s.role == "site", where, f"site {s.name!r} must have role 'site'")
         require(len(set(names)) == len(names), where, "site names must be unique")
         require(self.aggregator.name not in names, where, "the aggregator's name must differ from every site's")
+
+    @property
+    def plans_name(self) -> str:
+        """nnU-Net's plans identifier (``-p``) every site trains: ``plans_identifier``, or what the planner
+        writes (:data:`PLANNERS`; "" for another planner, which the site asks nnU-Net about)."""
+        return self.plans_identifier or PLANNERS.get(self.planner, "")
 
     @property
     def site_names(self) -> list[str]:
@@ -285,6 +327,9 @@ class LatestHint(Document):
     """A mutable hint: the newest global version the aggregator published."""
 
     version: int
+
+    def validate(self, where: str) -> None:
+        require(self.version >= 0, where, f"version must be >= 0, got {self.version}")
 
 
 @document("heartbeat")
