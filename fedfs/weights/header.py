@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ..errors import IntegrityError, SchemaError, TooLarge, ValidationError
 from ..fl.aggregate import ALLOWED_DTYPES, FLOAT_DTYPES, Shape
+from ..protocol.documents import brief, decode_json
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -35,6 +36,7 @@ __all__ = [
     "TensorInfo",
     "WeightsInfo",
     "inspect_weights",
+    "parse_header",
     "check_shapes",
     "safetensors_header",
     "read_at",
@@ -129,8 +131,12 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return out
 
 
-def _reject_constant(name: str) -> Any:
-    raise SchemaError(f"non-standard JSON constant {name}")
+def _show(value: Any) -> str:
+    """A shape or offsets list as written, if short and flat; else :func:`brief` (never a huge repr)."""
+    if type(value) is list and len(value) <= MAX_RANK and all(v is None or isinstance(v, (bool, int, float))
+                                                             for v in value):
+        return "[" + ", ".join(brief(v) for v in value) + "]"
+    return brief(value)
 
 
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
@@ -139,7 +145,7 @@ _INT = {int}  # compared with type(), not isinstance(): True and False are ints 
 
 def _parse_entry(path: str, key: str, value: Any, data_start: int) -> TensorInfo:
     if not key or len(key) > MAX_KEY_LEN or not key.isprintable():
-        raise SchemaError(f"{path}: tensor name {key[:40]!r} is empty, too long or not printable")
+        raise SchemaError(f"{path}: tensor name {brief(key, 40)} is empty, too long or not printable")
     try:
         entry = _object(value, f"tensor {key!r}")
     except SchemaError as exc:
@@ -148,13 +154,13 @@ def _parse_entry(path: str, key: str, value: Any, data_start: int) -> TensorInfo
         raise SchemaError(f"{path}: tensor {key!r} entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if type(dtype) is not str or dtype not in ALLOWED_DTYPES:
-        raise SchemaError(f"{path}: tensor {key!r} has dtype {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+        raise SchemaError(f"{path}: tensor {key!r} has dtype {brief(dtype)}; allowed: {', '.join(ALLOWED_DTYPES)}")
     if type(shape) is not list or len(shape) > MAX_RANK or not set(map(type, shape)) <= _INT or \
             (shape and min(shape) < 0):
-        raise SchemaError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        raise SchemaError(f"{path}: tensor {key!r} has an invalid shape {_show(shape)}")
     if type(offsets) is not list or len(offsets) != 2 or not set(map(type, offsets)) <= _INT or \
             not 0 <= offsets[0] <= offsets[1]:
-        raise SchemaError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        raise SchemaError(f"{path}: tensor {key!r} has invalid data_offsets {_show(offsets)}")
     nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise SchemaError(f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes; "
@@ -172,6 +178,8 @@ def _parse_entries(path: str, header: dict[str, Any], data_start: int) -> dict[s
             (k0, dtype), (k1, shape), (k2, offsets) = value
             item = dtypes[dtype]
             begin, end = offsets
+            if type(shape) is not list or len(shape) > MAX_RANK:  # before the product: no 10**6-dim shape
+                raise ValueError
             nel = 1
             for d in shape:
                 if type(d) is not int or d < 0:
@@ -208,35 +216,53 @@ def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequ
                     max_header: int = MAX_HEADER) -> WeightsInfo:
     """Validate a safetensors file's header and layout without reading tensor data.
 
-    Checks: not a pickle, header length within ``max_header``, strict JSON (no
-    duplicate keys, no NaN literals), allowed dtypes, shapes matching byte spans,
-    data ranges that tile the rest of the file exactly (so truncation and trailing
-    bytes are caught), and, if given, ``expected`` keys and shapes.
+    Reads the 8-byte length and the header (nothing more), then :func:`parse_header`; a file that
+    cannot be read is a ValidationError too.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
-            _sniff(path, head)
-            if len(head) < 8:
-                raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
-            n = int.from_bytes(head, "little")
-            if n > max_header:
-                raise TooLarge(f"{path}: header of {n} bytes exceeds the {max_header}-byte limit")
-            if n < 2 or 8 + n > size:
-                raise IntegrityError(f"{path}: header length {n} does not fit a file of {size} bytes (truncated?)")
-            raw = f.read(n)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if len(head) == 8 and 2 <= n <= max_header and 8 + n <= size:
+                head += f.read(n)
     except OSError as exc:
         raise ValidationError(f"{path}: cannot read: {exc}") from exc
+    return parse_header(head, size, path, expected=expected, max_header=max_header)
+
+
+def parse_header(head: bytes, size: int, path: str, *, expected: Mapping[str, Sequence[int]] | None = None,
+                 max_header: int = MAX_HEADER) -> WeightsInfo:
+    """The validated header of a safetensors file of ``size`` bytes that begins with ``head`` (the
+    8-byte length and the header; more is ignored). Total: anything else is a ValidationError
+    (SchemaError, IntegrityError, TooLarge) naming ``path``, never another exception.
+
+    Checks: not a pickle, header length within ``max_header``, strict JSON
+    (:func:`fedfs.protocol.documents.decode_json`: no duplicate keys, no NaN, bounded depth and
+    number literals), allowed dtypes, shapes matching byte spans, data ranges that tile the rest of
+    the file exactly (so truncation and trailing bytes are caught), and, if given, ``expected`` keys
+    and shapes.
+    """
+    _sniff(path, head)
+    if len(head) < 8:
+        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
+    n = int.from_bytes(head[:8], "little")
+    if n > max_header:
+        raise TooLarge(f"{path}: header of {n} bytes exceeds the {max_header}-byte limit")
+    if n < 2 or 8 + n > size or len(head) < 8 + n:
+        raise IntegrityError(f"{path}: header length {n} does not fit a file of {size} bytes (truncated?)")
+    raw = head[8:8 + n]
+    if raw[:1] != b"{":
+        raise SchemaError(f"{path}: malformed safetensors header: header is not a JSON object")
     try:
-        text = raw.decode("utf-8")
-        if not text.startswith("{"):
-            raise SchemaError("header is not a JSON object")
-        header = _object(json.loads(text, object_pairs_hook=_Pairs, parse_constant=_reject_constant), "header")
+        parsed = decode_json(raw, f"{path}: malformed safetensors header", max_bytes=max_header,
+                             object_pairs_hook=_Pairs)
+        header = _object(parsed, "header")
         meta = _object(header.pop("__metadata__", _Pairs()), "__metadata__")
-    except (UnicodeDecodeError, json.JSONDecodeError, SchemaError, RecursionError) as exc:
-        raise SchemaError(f"{path}: malformed safetensors header: {exc}") from exc
+    except SchemaError as exc:
+        msg = str(exc)
+        raise SchemaError(msg if msg.startswith(path) else f"{path}: malformed safetensors header: {msg}") from None
     if not all(type(v) is str for v in meta.values()):
         raise SchemaError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + n
@@ -244,7 +270,7 @@ def inspect_weights(path: str | os.PathLike[str], *, expected: Mapping[str, Sequ
     pos = data_start
     for start, end, key in sorted((t.start, t.end, k) for k, t in tensors.items()):
         if start != pos:
-            raise IntegrityError(f"{path}: tensor {key!r} starts at byte {start}, expected {pos} "
+            raise IntegrityError(f"{path}: tensor {brief(key)} starts at byte {start}, expected {pos} "
                                  "(overlapping or gapped data)")
         pos = end
     if pos != size:
