@@ -1,0 +1,1 @@
+"""Privacy for fedfs: secure aggregation over the bucket (SecAgg+), secure FFE, differential privacy."""
