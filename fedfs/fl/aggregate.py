@@ -2,7 +2,7 @@
 in, decisions out; no tensor data, no files.
 
 A rule (:class:`FedAvg`, :class:`FedBuff`, :class:`FedAsync`, with a :class:`Staleness`
-function) says how updates are weighted. :func:`accept` decides, from an update's header,
+function, or a robust median / trimmed mean of :mod:`fedfs.fl.robust`) says how updates are combined. :func:`accept` decides, from an update's header,
 its weight and staleness (or its rejection, with the reason); :mod:`fedfs.fl.combination`
 turns the accepted updates into a plan of linear combinations, and
 :mod:`fedfs.weights.combine` streams that plan over the files and holds the entry points
@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Protocol, Union
 
 from .align import Shape, SiteShare, group_keys
+from .robust import Median, TrimmedMean
 from ..errors import ConfigError, SchemaError, ValidationError
 
 __all__ = [
@@ -128,7 +129,7 @@ class FedAsync:
     max_staleness: int | None = None
 
 
-Rule = Union[FedAvg, FedBuff, FedAsync]
+Rule = Union[FedAvg, FedBuff, FedAsync, Median, TrimmedMean]  # the robust rules: fedfs.fl.robust
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class Accepted:
 # ---- admission of inputs -------------------------------------------------------
 def check_config(rule: Rule, global_path: object, version: int | None, align: str | None) -> None:
     """Raise ConfigError for a rule or option no aggregation can run with."""
-    if not isinstance(rule, (FedAvg, FedBuff, FedAsync)):
+    if not isinstance(rule, (FedAvg, FedBuff, FedAsync, Median, TrimmedMean)):
         raise ConfigError(f"unknown aggregation rule {rule!r}")
     if _weighting(rule) not in ("cases", "uniform"):
         raise ConfigError(f"weighting must be 'cases' or 'uniform', got {_weighting(rule)!r}")
@@ -233,7 +234,7 @@ def _staleness(u: Update, rule: Rule, version: int | None) -> tuple[int, float]:
     if u.base_version is None:
         raise ValidationError(f"{u.path}: update does not name its base version")
     tau = version - u.base_version
-    if isinstance(rule, FedAvg):
+    if isinstance(rule, (FedAvg, Median, TrimmedMean)):  # synchronous rules: the current version only
         if tau != 0:
             raise ValidationError(f"{u.path}: update is for base version {u.base_version}, "
                                   f"the aggregation is at version {version}")

@@ -19,6 +19,7 @@ WEIGHTINGS = ("cases", "uniform")
 ALIGNS = ("resolution", "name")
 STALENESS = ("inverse_sqrt", "constant", "polynomial", "hinge")
 ROLES = ("site", "aggregator")
+RULES = ("fedavg", "median", "trimmed_mean")  # the aggregation rule of a round (fedfs.fl.robust for the robust two)
 #: The smallest ``keep_globals`` that prunes: the newest global and the one it was folded onto.
 MIN_KEEP_GLOBALS = 2
 #: nnU-Net's standard configurations; a custom planner's own names need ``fedfs init --custom-configuration``.
@@ -105,6 +106,12 @@ class FederationConfig(Document):
     seed: int = 12345
     update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
     keep_globals: int = 0  # retention: keep the payloads of the last K globals (protocol/retention.py); 0 = all
+    rule: str = "fedavg"  # RULES: fedavg (the mode's weighted mean), or a robust median / trimmed mean (sync only)
+    trim_fraction: float = 0.1  # trimmed_mean: the fraction of updates dropped at each end, per coordinate
+    dp_epsilon: float = 0.0  # DP-FedAvg (fedfs.privacy.dp): the (epsilon, delta) budget of the whole federation; 0 = off
+    dp_delta: float = 0.0
+    dp_clip: float = 0.0  # C: each update (trained - base) is clipped to this L2 norm at its site
+    dp_noise_multiplier: float = 0.0  # z, derived by `fedfs init` from the budget and the rounds
     planner: str = DEFAULT_PLANNER  # nnU-Net's -pl, the same at every site
     plans_identifier: str = ""  # nnU-Net's -p; "": what the planner writes (see plans_name)
     created: str = ""
@@ -136,6 +143,7 @@ class FederationConfig(Document):
         require(not other or PLANNERS.get(self.planner) == self.plans_identifier, where,
                 f"plans_identifier {self.plans_identifier!r} is what {other[0] if other else ''} writes, not "
                 f"{self.planner}: a site would train another planner's plans (leave it empty to derive it)")
+        self._validate_privacy(where)
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")
@@ -151,6 +159,36 @@ class FederationConfig(Document):
         """nnU-Net's plans identifier (``-p``) every site trains: ``plans_identifier``, or what the planner
         writes (:data:`PLANNERS`; "" for another planner, which the site asks nnU-Net about)."""
         return self.plans_identifier or PLANNERS.get(self.planner, "")
+
+    def _validate_privacy(self, where: str) -> None:
+        """The robust rules and DP-FedAvg, and the settings each cannot be combined with (docs/privacy.md)."""
+        require(self.rule in RULES, where, f"rule must be one of {RULES}, got {self.rule!r}")
+        require(0 <= self.trim_fraction < 0.5, where, f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.rule != "fedavg":
+            require(self.aggregation == "sync", where,
+                    f"rule {self.rule} orders one round's fresh updates, so it needs aggregation 'sync' "
+                    "(asynchronous FedBuff weighs stale updates, which an order statistic cannot)")
+            require(not getattr(self, "secure_aggregation", False), where,
+                    f"rule {self.rule} cannot be combined with secure aggregation: the aggregator then learns only "
+                    "the sum of the updates, and a median or trimmed mean needs each update's own values")
+        if not (self.dp_epsilon or self.dp_delta or self.dp_clip or self.dp_noise_multiplier):
+            return
+        require(self.dp_epsilon > 0 and 0 < self.dp_delta < 1 and self.dp_clip > 0, where,
+                f"differential privacy needs dp_epsilon > 0, 0 < dp_delta < 1 and dp_clip > 0, got "
+                f"{self.dp_epsilon}, {self.dp_delta}, {self.dp_clip}")
+        require(self.dp_noise_multiplier > 0, where, "dp_noise_multiplier must be > 0 (fedfs init derives it)")
+        require(self.rule == "fedavg", where,
+                f"differential privacy with rule {self.rule}: the noise is calibrated for the mean of clipped "
+                "updates; a median or trimmed mean of noised updates has another sensitivity")
+        require(self.aggregation == "sync", where,
+                "differential privacy needs aggregation 'sync': the accountant counts one round of every site "
+                "(sampling rate 1); asynchronous rounds fold varying subsets with staleness weights")
+        require(self.mode != "asym", where,
+                "differential privacy in asym mode: AsymFedAvg averages each layer over the sites that have it, "
+                "and a layer one site holds alone is that site's update, with a fraction of the noise")
+        require(self.weighting == "uniform", where,
+                "differential privacy needs weighting 'uniform' (--weighting uniform): the noise is calibrated for "
+                "the plain mean, which one site moves by at most C/N; case weights let a large site move it more")
 
     @property
     def site_names(self) -> list[str]:

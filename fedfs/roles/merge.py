@@ -26,10 +26,15 @@ _STALENESS_NAMES = {"inverse_sqrt": "sqrt", "constant": "constant", "polynomial"
 
 
 def choose_rule(config: FederationConfig, updates: list[Any], version: int) -> Any:
-    """FedAvg for synchronous rounds (and async rounds of fresh updates at eta 1), FedBuff otherwise."""
+    """The federation's robust rule if it has one; else FedAvg for synchronous rounds (and async rounds
+    of fresh updates at eta 1), FedBuff otherwise."""
     from ..fl.aggregate import FedAvg, FedBuff, Staleness
 
     c = config
+    if c.rule != "fedavg":  # a robust rule (synchronous only, FederationConfig.validate): fedfs.fl.robust
+        from ..fl.robust import rule_named
+
+        return rule_named(c.rule, c.trim_fraction)
     all_fresh = all(u.base_version == version for u in updates)
     if c.aggregation == "sync" or (all_fresh and c.eta == 1.0):
         return FedAvg(weighting=c.weighting)
@@ -62,7 +67,7 @@ def next_global(config: FederationConfig, version: int, decision: AggregateDecis
                 cursor: dict[str, int], inputs: VerifiedInputs, quarantine: Quarantine,
                 out_dir: Path) -> GlobalManifest:
     """The manifest of ``version + 1`` from the updates ``decision`` chose (payloads uploaded, manifest not)."""
-    from ..fl.aggregate import FedAvg
+    from ..fl.aggregate import FedBuff
     from ..weights.combine import aggregate, extract_site
 
     c = config
@@ -88,7 +93,7 @@ def next_global(config: FederationConfig, version: int, decision: AggregateDecis
     else:
         align = "level" if c.align == "resolution" else "name"
         res = aggregate(updates, out_dir / "union.safetensors", rule=rule,
-                        global_path=glob if not isinstance(rule, FedAvg) else None, version=version, align=align,
+                        global_path=glob if isinstance(rule, FedBuff) else None, version=version, align=align,
                         metadata=meta)
         blob = inputs.put_own(res.path)
         own = {x.site: x.path for x in res.contributions}

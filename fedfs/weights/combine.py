@@ -47,6 +47,7 @@ from ..errors import SchemaError, ValidationError
 from ..fl.aggregate import (Accepted, AggregateResult, Extraction, FedAvg, Rejection, Rule, Update, accept,
                             check_config, number_sources, output_groups, reference_layout)
 from ..fl.combination import Out, Term, extraction_plan, plan, result_of
+from ..fl.robust import Median, TrimmedMean, is_robust_kind, reduce_rows, robust_outs
 from .header import ALLOWED_DTYPES, MAX_HEADER, WeightsInfo, check_shapes, inspect_weights, read_at, \
     safetensors_header
 from .tensors import TORCH_DTYPES, all_finite, check_finite, torch_single_thread
@@ -117,6 +118,7 @@ class _Worker:
         self.r, self.a = ({n: b.view(t) for n, t in TORCH_DTYPES.items() if ALLOWED_DTYPES[n] <= len(b) // CHUNK_ELEMS}
                           for b in self.bufs[:2])
         self.o = {n: self.bufs[2].view(TORCH_DTYPES[n]) for n in ("F16", "BF16")}
+        self.stack: torch.Tensor | None = None  # robust rules: inputs x block, one chunk in all (made when needed)
 
     def close(self) -> None:
         for f in self.files + ([self.out] if hasattr(self, "out") else []):
@@ -125,7 +127,10 @@ class _Worker:
     def run(self, seg: _Segment, start: int, n: int) -> None:
         acc_name = "I64" if seg.kind == "max" else ("F64" if seg.dtype == "F64" else "F32")
         acc = self.a[acc_name][:n]
-        for j, term in enumerate(seg.terms):
+        robust = is_robust_kind(seg.kind)
+        if robust:  # coordinate-wise median or trimmed mean (fedfs.fl.robust), not a linear combination
+            self._reduce(seg, start, n, acc)
+        for j, term in enumerate(() if robust else seg.terms):
             item = ALLOWED_DTYPES[term.dtype]
             try:
                 read_at(self.files[term.src], self.rview[:n * item], term.offset + start * item, self.paths[term.src])
@@ -144,7 +149,7 @@ class _Worker:
         if seg.dtype != acc_name:
             view, result = self.oview, self.o[seg.dtype][:n]
             result.copy_(acc)
-        if seg.kind == "lin" and not all_finite(result):
+        if seg.kind != "max" and not all_finite(result):
             raise NonFinite(seg)
         item = ALLOWED_DTYPES[seg.dtype]
         data, pos = view[:n * item], seg.out_offset + start * item
@@ -155,6 +160,30 @@ class _Worker:
                 self.out.seek(pos)
                 done = self.out.write(data) or 0
             data, pos = data[done:], pos + done
+
+    def _reduce(self, seg: _Segment, start: int, n: int, acc: torch.Tensor) -> None:
+        """A robust rule's output chunk into ``acc``: ``CHUNK_ELEMS // inputs`` elements at a time, each
+        input's values stacked (inputs x block: one chunk in all, whatever the number of updates) and
+        reduced by :func:`fedfs.fl.robust.reduce_rows`. A non-finite input value raises NonFinite (its
+        update is then found and rejected: an order statistic would hide a NaN, not refuse it)."""
+        k = len(seg.terms)
+        if self.stack is None or self.stack.dtype != acc.dtype:
+            self.stack = torch.empty(CHUNK_ELEMS, dtype=acc.dtype)
+        block = max(1, CHUNK_ELEMS // k)
+        for b0 in range(0, n, block):
+            m = min(block, n - b0)
+            rows = self.stack[:k * m].view(k, m)
+            for j, term in enumerate(seg.terms):
+                item = ALLOWED_DTYPES[term.dtype]
+                try:
+                    read_at(self.files[term.src], self.rview[:m * item], term.offset + (start + b0) * item,
+                            self.paths[term.src])
+                except (OSError, ValidationError) as exc:
+                    raise SourceFailed(term.src, exc) from exc
+                rows[j].copy_(self.r[term.dtype][:m])
+            if not all_finite(rows):
+                raise NonFinite(seg)
+            reduce_rows(seg.kind, rows.numpy(), acc[b0:b0 + m].numpy())
 
 
 def execute(outs: Sequence[Out], sources: Sequence[str], out_path: str, metadata: Mapping[str, str] | None,
@@ -280,6 +309,8 @@ def _aggregate(updates: Sequence[Update], out_path: str, rule: Rule, global_path
             exc.rejected = tuple(rejected)  # type: ignore[attr-defined]
             raise exc
         outs, conflicts = plan(rule, glob, base_infos, accepted, first_src)
+        if isinstance(rule, (Median, TrimmedMean)):  # a uniform mean's plan, each output then reduced by the rule
+            outs = robust_outs(rule, outs, first_src)
         index = {(a.update.site, a.info.path): i for i, a in reversed(list(enumerate(accepted)))}
         bad = {index[r.site, r.path]: r.reason for r in conflicts[::-1]}
         if not bad:
