@@ -1,0 +1,297 @@
+"""Secure-aggregation sessions over a real bucket: each party's ``step()`` reads the stage
+documents it needs, calls the pure step of :mod:`.secagg`, and publishes the result as a
+signed write-once file (keys in :mod:`.secagg_documents`).
+
+A step does at most one stage and says what it did (``advertised``, ``shared``, ``masked``,
+``unmasked``, ``roster keys`` ..., ``waiting``, ``done``), so a daemon loop, a cron step or a
+test drives it alike. Crash safety: a site makes its session secrets once and persists them
+(``<workdir>/secagg/<session>/secrets.json``, mode 0600, fsync'd, atomically renamed) before
+it publishes its keys; every later document is a pure function of those secrets and the
+signed rosters, so a step killed anywhere and re-run republishes identical bytes (and the
+bucket's exclusive publish accepts an identical body as success). The roster a site answered
+at unmasking is persisted before it publishes, and a different one is refused ever after.
+The aggregator's rosters are write-once: a re-run reads the published roster instead of
+computing a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import Conflict, FedfsError, ValidationError
+from ..protocol import layout as proto_layout
+from ..protocol.documents import Document
+from ..protocol.schema import FederationConfig
+from ..trust.bucket import Bucket
+from ..trust.signing import Identity
+from . import secagg
+from .secagg_documents import (
+    SecAggKeys, SecAggMasked, SecAggRoster, SecAggShares, SecAggUnmask, digest, roster_key, site_stage_key,
+)
+
+__all__ = ["SecureSite", "SecureAggregator", "session_params", "run_session", "MAX_MASKED_BYTES"]
+
+#: Largest masked-input payload a party reads (a 3D nnU-Net in uint32 is about 70 MiB).
+MAX_MASKED_BYTES = 2 << 30
+
+
+def session_params(config: FederationConfig, session: str) -> secagg.SessionParams:
+    """A session's parameters from ``federation.json``: every site takes part; ``options``
+    may set ``secagg_degree`` (SecAgg+ neighbours) and ``secagg_threshold``."""
+    opts = config.options or {}
+    return secagg.SessionParams.make(session, config.site_names, degree=opts.get("secagg_degree"),
+                                     threshold=opts.get("secagg_threshold"), graph_seed=config.seed)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` durably and atomically, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _load_masked(bucket: Bucket, doc: SecAggMasked) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    data = bucket.get_blob_bytes(doc.blob, max_size=MAX_MASKED_BYTES)
+    try:
+        arrays = load(data)
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise ValidationError(f"{doc.blob.key}: not a safetensors payload ({exc})", key=doc.blob.key) from None
+    bad = [n for n, a in arrays.items() if a.dtype not in (np.uint32, np.uint64)]
+    if bad or secagg.layout_digest(arrays) != doc.layout:
+        raise ValidationError(f"{doc.blob.key}: tensors do not match the layout its manifest names", key=doc.blob.key)
+    return arrays
+
+
+class _Party:
+    def __init__(self, bucket: Bucket, params: secagg.SessionParams) -> None:
+        self.bucket, self.params = bucket, params
+        self.rejected: dict[str, str] = {}  # key -> reason: documents read and refused
+
+    def _read(self, key: str, cls: type[Any]) -> Any | None:
+        """The verified document at ``key`` (None if absent, or refused: then recorded)."""
+        try:
+            signed = self.bucket.read_optional(key, cls)
+        except ValidationError as exc:
+            self.rejected[key] = str(exc)
+            return None
+        if signed is None:
+            return None
+        if signed.doc.session != self.params.session:
+            self.rejected[key] = f"{key}: belongs to session {signed.doc.session!r} (replayed?)"
+            return None
+        return signed.doc
+
+    def _roster(self, stage: str) -> SecAggRoster | None:
+        return self._read(roster_key(self.params.session, stage), SecAggRoster)
+
+    def _docs(self, stage: str, cls: type[Any], sites: list[str] | tuple[str, ...]) -> dict[str, Any]:
+        out = {}
+        for s in sites:
+            doc = self._read(site_stage_key(s, self.params.session, stage), cls)
+            if doc is not None:
+                out[s] = doc
+        return out
+
+
+class SecureSite(_Party):
+    """One site's side of one session."""
+
+    def __init__(self, bucket: Bucket, identity: Identity, workdir: str | os.PathLike[str],
+                 params: secagg.SessionParams) -> None:
+        super().__init__(bucket, params)
+        if identity.role != "site" or identity.name not in params.sites:
+            raise ValidationError(f"{identity.name!r} is not a site of session {params.session}")
+        self.identity, self.name = identity, identity.name
+        self.dir = Path(workdir) / "secagg" / params.session
+        self._keys_checked = False
+
+    def _check_own_keys(self, sec: secagg.SiteSecrets) -> None:
+        """Our published keys must be those of our secrets: a wiped workdir would otherwise mask
+        with keys no one can match, and the sum would be garbage."""
+        mine = self._read(self._key("keys"), SecAggKeys)
+        if mine != secagg.advertise(sec):
+            raise Conflict(f"{self.bucket.store.describe(self._key('keys'))}: published with different content: "
+                           f"these are not the keys of the secrets in {self.dir} (its state was lost or "
+                           f"replaced), so {self.name} cannot take part in session {self.params.session}; "
+                           "it will in the next one", key=self._key("keys"))
+        self._keys_checked = True
+
+    def secrets(self) -> secagg.SiteSecrets:
+        """The session's secrets: made and persisted on first use, read back after."""
+        path = self.dir / "secrets.json"
+        if path.exists():
+            s = secagg.SiteSecrets.from_json(path.read_bytes())
+            if (s.session, s.site) != (self.params.session, self.name):
+                raise FedfsError(f"{path}: holds the secrets of {s.site} in session {s.session}")
+            return s
+        s = secagg.SiteSecrets.new(self.params.session, self.name)
+        _write_private(path, s.to_json())
+        return s
+
+    def _key(self, stage: str) -> str:
+        return site_stage_key(self.name, self.params.session, stage)
+
+    def _publish(self, stage: str, doc: Document) -> None:
+        self.bucket.publish(self._key(stage), doc, self.identity)
+
+    def step(self, inputs: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]] | None = None) -> str:
+        """Do the next due stage. ``inputs``: this site's input (or a callable giving it), needed
+        when the masked stage is due; the same input on every re-run."""
+        exists = self.bucket.store.exists
+        sec = self.secrets()
+        if not exists(self._key("keys")):
+            self._publish("keys", secagg.advertise(sec))
+            return "advertised"
+        if not self._keys_checked:
+            self._check_own_keys(sec)
+        r_keys = self._roster("keys")
+        if r_keys is None:
+            return "waiting"
+        if self.name not in r_keys.sites:
+            return "excluded"
+        if not exists(self._key("shares")):
+            keys = self._docs("keys", SecAggKeys, r_keys.sites)
+            self._publish("shares", secagg.share_keys(self.params, sec, r_keys, keys))
+            return "shared"
+        r_shares = self._roster("shares")
+        if r_shares is None:
+            return "waiting"
+        if self.name not in r_shares.sites:
+            return "excluded"
+        if not exists(self._key("masked")):
+            if inputs is None:
+                return "waiting for input"
+            data = inputs() if callable(inputs) else inputs
+            keys = self._docs("keys", SecAggKeys, r_shares.sites)
+            masked = secagg.mask_input(self.params, sec, r_shares, keys, data)
+            from safetensors.numpy import save
+
+            blob = self.bucket.put_blob_bytes(lambda sha, ext: proto_layout.site_blob(self.name, sha, ext),
+                                              save(masked))
+            self._publish("masked", SecAggMasked(site=self.name, session=self.params.session,
+                                                 roster=digest(r_shares), blob=blob,
+                                                 layout=secagg.layout_digest(masked)))
+            return "masked"
+        r_masked = self._roster("masked")
+        if r_masked is None:
+            return "waiting"
+        if not exists(self._key("unmask")):
+            return self._unmask(sec, r_shares, r_masked)
+        return "done"
+
+    def _unmask(self, sec: secagg.SiteSecrets, r_shares: SecAggRoster, r_masked: SecAggRoster) -> str:
+        answered_path = self.dir / "answered.json"
+        answered = json.loads(answered_path.read_bytes())["roster"] if answered_path.exists() else None
+        peers = [j for j in self.params.neighbours(self.name) if j in r_shares.sites]
+        keys = self._docs("keys", SecAggKeys, peers)
+        shares = self._docs("shares", SecAggShares, peers)
+        received = secagg.receive_shares(self.params, sec, keys, shares)
+
+        def masked_exists(site: str) -> bool:
+            doc = self._read(site_stage_key(site, self.params.session, "masked"), SecAggMasked)
+            return doc is not None and doc.roster == digest(r_shares)
+
+        doc = secagg.unmask_shares(self.params, sec, r_shares, r_masked, received, answered, masked_exists)
+        _write_private(answered_path, json.dumps({"roster": doc.roster}).encode())
+        self._publish("unmask", doc)
+        return "unmasked"
+
+
+class SecureAggregator(_Party):
+    """The aggregator's side of one session: three rosters, then the unmasked sum."""
+
+    def __init__(self, bucket: Bucket, identity: Identity, params: secagg.SessionParams,
+                 layout: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> None:
+        super().__init__(bucket, params)
+        if identity.role != "aggregator":
+            raise ValidationError(f"{identity.name!r} is not the aggregator")
+        self.identity, self.layout = identity, layout
+        self.result: dict[str, np.ndarray] | None = None
+        self.survivors: list[str] = []
+        self.dropped: list[str] = []
+
+    def _close(self, stage: str, present: list[str], previous: SecAggRoster | None) -> SecAggRoster:
+        roster = secagg.make_roster(self.params, stage, present, previous)
+        return self.bucket.publish(roster_key(self.params.session, stage), roster, self.identity).doc
+
+    def step(self, close: bool = False) -> str:
+        """Publish the next roster once every expected site did its stage (or, with ``close``,
+        the caller's deadline passed, with whoever did); then unmask. ``done`` sets ``result``."""
+        if self.result is not None:
+            return "done"
+        exists, session = self.bucket.store.exists, self.params.session
+        previous = None
+        for stage, cls in (("keys", SecAggKeys), ("shares", SecAggShares), ("masked", SecAggMasked)):
+            roster = self._roster(stage)
+            if roster is not None:
+                previous = roster
+                continue
+            expected = list(self.params.sites) if previous is None else previous.sites
+            if not close and not all(exists(site_stage_key(s, session, stage)) for s in expected):
+                return "waiting"
+            docs = self._docs(stage, cls, expected)
+            if previous is not None:
+                docs = {s: d for s, d in docs.items() if d.roster == digest(previous)}
+            if stage == "masked" and self.layout is not None:
+                want = secagg.layout_digest({n: np.empty(shape, dt) for n, (shape, dt) in self.layout.items()})
+                docs = {s: d for s, d in docs.items() if d.layout == want}
+            self._close(stage, sorted(docs), previous)
+            return f"roster {stage}"
+        return self._finish(previous, close)
+
+    def _finish(self, r_masked: SecAggRoster, close: bool) -> str:
+        survivors = r_masked.sites
+        unmasks = {s: d for s, d in self._docs("unmask", SecAggUnmask, survivors).items()
+                   if d.roster == digest(r_masked)}
+        if len(unmasks) < len(survivors):
+            t = self.params.threshold
+            enough = all(sum(s in u.self_shares for u in unmasks.values()) >= t for s in survivors) and all(
+                sum(d in u.key_shares for u in unmasks.values()) >= t for d in r_masked.dropped)
+            if not (close and enough):
+                return "waiting"
+        keys = self._docs("keys", SecAggKeys, sorted(set(survivors) | set(r_masked.dropped)))
+        masked_docs = self._docs("masked", SecAggMasked, survivors)
+        masked = {s: _load_masked(self.bucket, d) for s, d in masked_docs.items()}
+        self.result = secagg.unmask_sum(self.params, keys, r_masked, masked, unmasks)
+        self.survivors, self.dropped = list(survivors), list(r_masked.dropped)
+        return "done"
+
+
+def run_session(sites: Mapping[str, SecureSite], aggregator: SecureAggregator,
+                inputs: Mapping[str, Any], *, stop_after: Mapping[str, str] | None = None,
+                max_passes: int = 40) -> dict[str, np.ndarray]:
+    """Drive one session in process (tests, benchmarks, simulations): every site steps until it
+    waits; the aggregator steps, closing a stage with whoever is there once no site moves.
+    ``stop_after``: site -> the step result after which that site is killed (drops out)."""
+    stop_after = dict(stop_after or {})
+    alive = set(sites)
+    for _ in range(max_passes):
+        moved = False
+        for name in sorted(alive):
+            while True:
+                what = sites[name].step(inputs.get(name))
+                if what in ("waiting", "waiting for input", "done", "excluded"):
+                    break
+                moved = True
+                if stop_after.get(name) == what:
+                    alive.discard(name)
+                    break
+        what = aggregator.step(close=not moved)
+        if what == "done":
+            assert aggregator.result is not None
+            return aggregator.result
+    raise FedfsError(f"session {aggregator.params.session} did not finish in {max_passes} passes")

@@ -1,0 +1,141 @@
+"""Secure-aggregation sessions over a real (folder) bucket: signed write-once stage files,
+a site killed after masking, dropouts recovered, and every stage resumed after a kill.
+
+The kills are raised from a store wrapper at chosen publishes (a process killed there leaves
+exactly that bucket state; the next step runs with a fresh party object on the same workdir).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedfs.errors import ValidationError
+from fedfs.privacy import fixedpoint
+from fedfs.privacy.secagg_documents import roster_key, site_stage_key
+from fedfs.privacy.secagg_rounds import SecureAggregator, SecureSite, run_session, session_params
+from fedfs.testing.toy import toy_federation
+from fedfs.trust.bucket import Bucket
+from fedfs.trust.signing import load_identity
+
+FP = fixedpoint.FixedPoint(bits=32, max_abs=4.0)
+
+
+class Killed(Exception):
+    """The party's process died here."""
+
+
+class KillingStore:
+    """The federation's store, but the publish of ``key`` dies (before or after it lands)."""
+
+    def __init__(self, store, key, after=False):
+        self._store, self.key, self.after, self.fired = store, key, after, False
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def publish(self, key, data):
+        if key == self.key and not self.fired:
+            self.fired = True
+            if self.after:
+                self._store.publish(key, data)
+            raise Killed(key)
+        return self._store.publish(key, data)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    def make(names):
+        fed, _, _ = toy_federation(tmp_path, names, mode="fedavg")
+        ids = {n: load_identity(tmp_path / "keys" / f"{n}.key") for n in [*names, "agg"]}
+        return fed, ids
+    return make
+
+
+def model_round(names, seed=0):
+    rng = np.random.default_rng(seed)
+    base = {"conv.weight": rng.normal(0, 0.1, (16, 8, 3, 3)).astype(np.float32),
+            "conv.bias": rng.normal(0, 0.1, 16).astype(np.float32)}
+    updates = {s: {n: (g + rng.normal(0, 0.02, g.shape)).astype(np.float32) for n, g in base.items()} for s in names}
+    weights = {s: i + 2 for i, s in enumerate(names)}
+    return base, updates, weights
+
+
+def parties(fed, ids, tmp_path, names, session, store=None):
+    bucket = Bucket(store or fed.store, fed.config)
+    params = session_params(fed.config, session)
+    sites = {s: SecureSite(bucket, ids[s], tmp_path / f"w-{s}", params) for s in names}
+    return sites, SecureAggregator(bucket, ids["agg"], params)
+
+
+def check_mean(total, base, updates, weights, survivors):
+    w_total = sum(weights.values())
+    mean, w = fixedpoint.decode_mean(total, base, w_total, FP)
+    assert w == sum(weights[s] for s in survivors)
+    plain = fixedpoint.plain_weighted_mean({s: updates[s] for s in survivors}, weights)
+    for n in base:
+        assert np.max(np.abs(mean[n] - plain[n])) <= len(survivors) * FP.step + 1e-7
+
+
+def test_a_round_with_a_site_killed_after_masking_finishes(federation, tmp_path):
+    names = ["A", "B", "C"]
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names)
+    inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
+    sites, agg = parties(fed, ids, tmp_path, names, "v000001")
+    total = run_session(sites, agg, inputs, stop_after={"C": "masked"})
+    assert agg.survivors == names and agg.dropped == []  # C masked, so it is summed: its seed comes from A and B
+    check_mean(total, base, updates, weights, names)
+    assert not fed.store.exists(site_stage_key("C", "v000001", "unmask"))
+    for s in ("A", "B"):  # every stage is a signed write-once file in the writer's own folder
+        for stage in ("keys", "shares", "masked", "unmask"):
+            assert fed.bucket.read_raw_envelope(site_stage_key(s, "v000001", stage))["signer"] == s
+    assert fed.bucket.read_raw_envelope(roster_key("v000001", "masked"))["signer"] == "agg"
+
+
+@pytest.mark.parametrize("names,dropped", [(["A", "B", "C", "D"], ["D"]), (list("ABCDE"), ["A", "D"])])
+def test_sites_that_drop_before_masking_are_recovered(federation, tmp_path, names, dropped):
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names, seed=1)
+    inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
+    sites, agg = parties(fed, ids, tmp_path, names, "v000002")
+    total = run_session(sites, agg, inputs, stop_after={d: "shared" for d in dropped})
+    assert agg.dropped == dropped
+    check_mean(total, base, updates, weights, [s for s in names if s not in dropped])
+
+
+STAGE_KILLS = [("site", "keys", False), ("site", "shares", True), ("site", "masked", False),
+               ("site", "masked", True), ("site", "unmask", False), ("agg", "shares", False), ("agg", "masked", True)]
+
+
+@pytest.mark.parametrize("who,stage,after", STAGE_KILLS)
+def test_a_stage_killed_anywhere_resumes(federation, tmp_path, who, stage, after):
+    names = ["A", "B", "C"]
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names, seed=2)
+    inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
+    key = site_stage_key("B", "v000003", stage) if who == "site" else roster_key("v000003", stage)
+    store = KillingStore(fed.store, key, after=after)
+    sites, agg = parties(fed, ids, tmp_path, names, "v000003", store=store)
+    with pytest.raises(Killed):
+        run_session(sites, agg, inputs)
+    assert store.fired
+    sites, agg = parties(fed, ids, tmp_path, names, "v000003")  # restarted processes, same workdirs
+    total = run_session(sites, agg, inputs)
+    check_mean(total, base, updates, weights, names)
+
+
+def test_a_site_that_lost_its_secrets_cannot_publish_other_keys(federation, tmp_path):
+    names = ["A", "B", "C"]
+    fed, ids = federation(names)
+    sites, agg = parties(fed, ids, tmp_path, names, "v000004")
+    assert sites["A"].step() == "advertised"
+    (tmp_path / "w-A" / "secagg" / "v000004" / "secrets.json").unlink()  # the workdir was wiped
+    with pytest.raises(FileExistsError, match="different content"):
+        sites["A"].step()
+
+
+def test_refuses_a_federation_of_two(federation, tmp_path):
+    fed, _ = federation(["A", "B"])
+    with pytest.raises(ValidationError, match="at least 3 sites"):
+        session_params(fed.config, "v000001")
