@@ -139,3 +139,15 @@ def test_refuses_a_federation_of_two(federation, tmp_path):
     fed, _ = federation(["A", "B"])
     with pytest.raises(ValidationError, match="at least 3 sites"):
         session_params(fed.config, "v000001")
+
+
+@pytest.mark.parametrize("settings,reason", [({"mode": "asym"}, "cannot be used with mode 'asym'"),
+                                             ({"aggregation": "async"}, "needs aggregation 'sync'"),
+                                             ({"update_norm_limit": 2.0}, "cannot measure its norm")])
+def test_federation_config_refuses_secure_aggregation_where_it_cannot_work(tmp_path, settings, reason):
+    from fedfs.errors import SchemaError
+
+    with pytest.raises(SchemaError, match=reason):
+        toy_federation(tmp_path, ["A", "B", "C"], secure_aggregation=True, **settings)
+    with pytest.raises(SchemaError, match="at least 3 sites"):
+        toy_federation(tmp_path / "two", ["A", "B"], secure_aggregation=True)

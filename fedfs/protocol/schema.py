@@ -112,6 +112,7 @@ class FederationConfig(Document):
     dp_delta: float = 0.0
     dp_clip: float = 0.0  # C: each update (trained - base) is clipped to this L2 norm at its site
     dp_noise_multiplier: float = 0.0  # z, derived by `fedfs init` from the budget and the rounds
+    secure_aggregation: bool = False  # SecAgg+ over the bucket (fedfs.privacy.secagg): the aggregator learns only sums
     planner: str = DEFAULT_PLANNER  # nnU-Net's -pl, the same at every site
     plans_identifier: str = ""  # nnU-Net's -p; "": what the planner writes (see plans_name)
     created: str = ""
@@ -144,6 +145,7 @@ class FederationConfig(Document):
                 f"plans_identifier {self.plans_identifier!r} is what {other[0] if other else ''} writes, not "
                 f"{self.planner}: a site would train another planner's plans (leave it empty to derive it)")
         self._validate_privacy(where)
+        self._validate_secure_aggregation(where)
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")
@@ -159,6 +161,23 @@ class FederationConfig(Document):
         """nnU-Net's plans identifier (``-p``) every site trains: ``plans_identifier``, or what the planner
         writes (:data:`PLANNERS`; "" for another planner, which the site asks nnU-Net about)."""
         return self.plans_identifier or PLANNERS.get(self.planner, "")
+
+    def _validate_secure_aggregation(self, where: str) -> None:
+        """Secure aggregation needs one synchronous sum per round of one model (docs/secure-aggregation.md)."""
+        if not self.secure_aggregation:
+            return
+        require(self.mode in ("ffe", "fedavg"), where,
+                f"secure aggregation cannot be used with mode {self.mode!r}: AsymFedAvg combines each layer over "
+                "the sites whose networks have it, so every site's sum would differ; use ffe or fedavg")
+        require(self.aggregation == "sync", where,
+                "secure aggregation needs aggregation 'sync': its masks cancel only in the sum of one round's "
+                "fixed set of sites, while FedBuff folds updates one by one with staleness weights")
+        require(len(self.sites) >= 3, where,
+                f"secure aggregation needs at least 3 sites, got {len(self.sites)}: with two, each learns the "
+                "other's update from the sum")
+        require(self.update_norm_limit == 0, where,
+                "secure aggregation with update_norm_limit: the aggregator never sees a site's update, so it "
+                "cannot measure its norm (set update_norm_limit to 0)")
 
     def _validate_privacy(self, where: str) -> None:
         """The robust rules and DP-FedAvg, and the settings each cannot be combined with (docs/privacy.md)."""
