@@ -11,6 +11,8 @@ import base64
 import io
 from typing import Any
 
+from .report_scale import TOP_SITES, at_scale, site_stats
+
 __all__ = ["PLOT_IDS", "make_plots", "round_durations", "latest_sharing", "site_color", "time_unit"]
 
 #: id -> what the plot shows; a plot is left out (with a note) when the bucket has no data for it.
@@ -30,13 +32,22 @@ _GRID = {"color": "#e5e7eb", "linewidth": 0.8}
 
 def make_plots(d: dict[str, Any]) -> dict[str, Any]:
     """id -> ``{"data": base64 PNG, "width": CSS pixels}`` (None where the bucket holds no data for that plot)."""
-    plots = {
-        "plot-train-loss": _metric_plot(d, "train_loss", "Training loss"),
-        "plot-pseudo-dice": _metric_plot(d, "pseudo_dice", "Pseudo-Dice (validation)", unit_interval=True),
-        "plot-staleness": _staleness_plot(d),
-        "plot-round-durations": _durations_plot(d),
-        "plot-cases": _cases_plot(d),
-    }
+    if at_scale(d):  # one curve, dot or bar per site stops being readable: quantiles, counts, the worst sites
+        plots = {
+            "plot-train-loss": _band_plot(d, "train_loss", "Training loss", worst_high=True),
+            "plot-pseudo-dice": _band_plot(d, "pseudo_dice", "Pseudo-Dice (validation)", worst_high=False),
+            "plot-staleness": _staleness_counts_plot(d),
+            "plot-round-durations": _durations_plot(d),
+            "plot-cases": _cases_histogram(d),
+        }
+    else:
+        plots = {
+            "plot-train-loss": _metric_plot(d, "train_loss", "Training loss"),
+            "plot-pseudo-dice": _metric_plot(d, "pseudo_dice", "Pseudo-Dice (validation)", unit_interval=True),
+            "plot-staleness": _staleness_plot(d),
+            "plot-round-durations": _durations_plot(d),
+            "plot-cases": _cases_plot(d),
+        }
     if d["config"]["mode"] == "asym":
         plots["plot-sharing"] = _sharing_plot(latest_sharing(d)[1])
     return plots
@@ -198,4 +209,78 @@ def _sharing_plot(share: dict[str, Any]) -> dict[str, Any] | None:
         ax.text(sh + ow, i, f" {100 * sh / max(sh + ow, 1):.0f}% shared", va="center", fontsize=9)
     ax.set_xlabel("Parameters")
     ax.legend(frameon=False, fontsize=9, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2)
+    return _png(fig)
+
+
+# ---- many sites ------------------------------------------------------------------------
+def _per_round(d: dict[str, Any], metric: str) -> dict[int, dict[str, float]]:
+    """round (1-based) -> {site: value} for one metric."""
+    out: dict[int, dict[str, float]] = {}
+    for u in d["updates"]:
+        v = u["named"].get(metric)
+        if v is not None:
+            out.setdefault(u["round"] + 1, {})[u["site"]] = float(v)
+    return out
+
+
+def _band_plot(d: dict[str, Any], metric: str, ylabel: str, *, worst_high: bool) -> dict[str, Any] | None:
+    """Median across sites per round, with the 25-75 % and 5-95 % bands, and the worst sites' own curves."""
+    import numpy as np
+
+    by_round = _per_round(d, metric)
+    if not by_round:
+        return None
+    rounds = sorted(by_round)
+    q = np.array([np.percentile(list(by_round[r].values()), [5, 25, 50, 75, 95]) for r in rounds])
+    fig, ax = _fig(7.2, 3.6)
+    ax.fill_between(rounds, q[:, 0], q[:, 4], color="#c7d2fe", alpha=0.6, label="5–95 % of sites", linewidth=0)
+    ax.fill_between(rounds, q[:, 1], q[:, 3], color="#818cf8", alpha=0.6, label="25–75 %", linewidth=0)
+    ax.plot(rounds, q[:, 2], color="#312e81", linewidth=2.2, marker="o", markersize=4, label="median")
+    stats = site_stats(d)
+    key = "last_loss" if metric == "train_loss" else "last_dice"
+    ranked = sorted(((st[key], s) for s, st in stats.items() if st[key] is not None), reverse=worst_high)
+    for i, (_, s) in enumerate(ranked[:TOP_SITES]):
+        pts = sorted((r, vals[s]) for r, vals in by_round.items() if s in vals)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS[3 + i % 7], linewidth=1.2,
+                linestyle="--", marker=".", label=f"{s} (worst {i + 1})")
+    ax.set_xlabel("Round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{len(stats)} sites: quantiles across sites, and the {min(TOP_SITES, len(ranked))} worst",
+                 fontsize=9, color="#4b5563")
+    _integer_axes(ax, "x")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def _staleness_counts_plot(d: dict[str, Any]) -> dict[str, Any] | None:
+    """Per global version, how many folded updates had each staleness (stacked bars)."""
+    pts = [(g["version"], x["staleness"]) for g in d["globals"] for x in g["contributions"]]
+    if not pts:
+        return None
+    versions = sorted({v for v, _ in pts})
+    levels = sorted({min(st, 3) for _, st in pts})
+    fig, ax = _fig()
+    bottom = [0] * len(versions)
+    shades = {0: "#4f46e5", 1: "#f59e0b", 2: "#f97316", 3: "#b91c1c"}
+    for lv in levels:
+        counts = [sum(1 for v, st in pts if v == ver and min(st, 3) == lv) for ver in versions]
+        ax.bar([f"v{v}" for v in versions], counts, bottom=bottom, color=shades[lv], width=0.6,
+               label="fresh" if lv == 0 else (f"{lv} behind" if lv < 3 else "3+ behind"))
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xlabel("Global version the updates were folded into")
+    ax.set_ylabel("Updates folded")
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def _cases_histogram(d: dict[str, Any]) -> dict[str, Any] | None:
+    """How many sites hold how many training cases."""
+    counts = [d["sites"][s]["cases"] for s in d["config"]["sites"] if d["sites"][s]["cases"]]
+    if not counts:
+        return None
+    fig, ax = _fig(height=2.8)
+    ax.hist(counts, bins=min(30, max(5, len(set(counts)))), color="#4f46e5")
+    ax.set_xlabel("Training cases per site")
+    ax.set_ylabel("Sites")
+    ax.set_title(f"{len(counts)} sites, {sum(counts)} cases in all", fontsize=9, color="#4b5563")
     return _png(fig)

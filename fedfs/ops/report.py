@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import layout
 from .history import collect_history
 from .plots import PLOT_IDS, latest_sharing, make_plots, round_durations, site_color, time_unit
+from .report_scale import at_scale, names_line, phase_counts, round_summary, site_stats, standouts
 from .status import SILENT_AFTER_S, human_age, rule_label, short_reason
 
 if TYPE_CHECKING:
@@ -213,7 +214,8 @@ def _cards(d: dict[str, Any]) -> str:
          f"{len(gs) - 1 if gs else 0} of {c['rounds']} rounds aggregated"),
         ("Global model", _e(f"v{last['version']}") if last else "–",
          _when(last["signed_at"]) + " UTC" if last else "no global yet"),
-        ("Sites", str(len(sites)), _e(", ".join(sites))),
+        ("Sites", str(len(sites)), _e(", ".join(f"{n} {p}" for p, n in phase_counts(d).items()) if at_scale(d)
+                                     else ", ".join(sites))),
         ("Training cases", _fmt(total_cases), "over all sites"),
         ("Mode", _e(_MODE_LABELS.get(c["mode"], (c["mode"], ""))[0]),
          _e(f"{c['aggregation']} aggregation, {c['configuration']}")),
@@ -225,6 +227,37 @@ def _cards(d: dict[str, Any]) -> str:
 
 
 def _sites(d: dict[str, Any]) -> str:
+    """Past SCALE_SITES sites: counts by phase and the sites that stand out, then the per-site table folded away."""
+    if not at_scale(d):
+        return _site_table(d)
+    stats = site_stats(d)
+    counts = phase_counts(d)
+    silent = sum(1 for st in stats.values() if st["silent"])
+    rows = [[_phase_pill(None if p == "no heartbeat" else p), str(n)] for p, n in counts.items()]
+    if silent:
+        rows.append(["<span class='pill bad'>silent</span>", str(silent)])
+    out = ("<div class='grid2'><div><h3 style='font-size:14px;margin:4px 0'>Sites by phase</h3>"
+           + _table(["Phase", "Sites"], rows, num={1}, cls="kv") + "</div><div>" + _standouts(d, stats)
+           + "</div></div>")
+    return out + f"<details id='all-sites'><summary>Every site ({len(stats)} rows)</summary>{_site_table(d)}</details>"
+
+
+def _standouts(d: dict[str, Any], stats: dict[str, Any]) -> str:
+    """The sites to look at first: needing attention, worst metrics, slowest."""
+    groups = standouts(d, stats)
+    parts = []
+    for key, title in (("attention", "Needs attention"), ("worst", "Worst metrics"), ("slowest", "Slowest")):
+        items = groups[key]
+        if not items:
+            body = "<p class='muted'>none</p>" if key == "attention" else "<p class='muted'>no data yet</p>"
+        else:
+            body = _table(["Site", "Why"], [[f"<b>{_e(site)}</b>", _e(why)] for site, why in items])
+        cls = " class='standout-bad'" if key == "attention" and items else ""
+        parts.append(f"<h3{cls} id='standout-{key}' style='font-size:14px;margin:4px 0'>{title}</h3>{body}")
+    return "".join(parts)
+
+
+def _site_table(d: dict[str, Any]) -> str:
     """One row per site: cases, phase, heartbeat, updates, last metrics, rejections."""
     sites = d["config"]["sites"]
     rows = []
@@ -277,7 +310,11 @@ def _versions(d: dict[str, Any]) -> str:
     durs = dict(round_durations(d))
     ddiv, dunit = time_unit(list(durs.values()))
     rows = []
+    scale = at_scale(d)
     for g in d["globals"]:
+        if scale and g["contributions"]:
+            rows.append(_version_row_at_scale(d, g, durs, ddiv))
+            continue
         contrib = ", ".join(f"{x['site']} (round {x['round'] + 1}, w={x['weight']:.3g}"
                             + (f", stale {x['staleness']}" if x["staleness"] else "") + ")"
                             for x in g["contributions"])
@@ -291,7 +328,39 @@ def _versions(d: dict[str, Any]) -> str:
                    "Rule", "Why aggregated"], rows, num={2})
 
 
+def _version_row_at_scale(d: dict[str, Any], g: dict[str, Any], durs: dict[int, float], ddiv: float) -> list[str]:
+    """A version's row past SCALE_SITES sites: how many updates, how stale, the weights' range; the list folded."""
+    cs = g["contributions"]
+    stale = [x["staleness"] for x in cs]
+    weights = [x["weight"] for x in cs]
+    summary = (f"{len(cs)} updates from {len({x['site'] for x in cs})} sites; "
+               f"{sum(1 for x in stale if not x)} fresh, {sum(1 for x in stale if x)} stale (max {max(stale)}); "
+               f"weights {min(weights):.3g}–{max(weights):.3g}")
+    full = ", ".join(f"{x['site']} (r{x['round'] + 1}, w={x['weight']:.3g}"
+                     + (f", stale {x['staleness']}" if x["staleness"] else "") + ")" for x in cs)
+    return [_e(f"v{g['version']}") + (" <span class='pill ok'>final</span>" if g["final"] else ""),
+            _when(g["signed_at"]),
+            _fmt(durs[g["version"]] / ddiv, ".3g") if g["version"] in durs else "–",
+            f"{_e(summary)}<details><summary>every contribution</summary><span class='muted'>{_e(full)}</span></details>",
+            _e(rule_label((g["report"] or {}).get("rule"), d["config"]["aggregation"])),
+            _e((g["report"] or {}).get("reason") or "")]
+
+
 def _updates(d: dict[str, Any]) -> str:
+    """Past SCALE_SITES sites: one row per round (counts, loss quantiles), then every update folded away."""
+    if not at_scale(d):
+        return _update_table(d)
+    rows = [[str(r["round"]), str(r["updates"]), str(r["aggregated"]), str(r["pending"]),
+             f"<span class='pill bad'>{r['rejected']}</span>" if r["rejected"] else "0",
+             _fmt(r["loss_q10"]), _fmt(r["loss_median"]), _fmt(r["loss_q90"]), str(r["stale_updates"]),
+             _fmt(r["staleness_max"])] for r in round_summary(d)]
+    return (_table(["Round", "Updates", "Aggregated", "Pending", "Rejected", "Loss 10th pct", "Loss median",
+                    "Loss 90th pct", "Stale updates", "Max staleness"], rows, num=set(range(1, 10)))
+            + f"<details id='all-updates'><summary>Every update ({len(d['updates'])} rows)</summary>"
+            + _update_table(d) + "</details>")
+
+
+def _update_table(d: dict[str, Any]) -> str:
     """One row per update manifest: what it was trained from, its fate and its metrics."""
     rows = []
     for u in sorted(d["updates"], key=lambda u: (u["round"], u["site"])):
@@ -363,7 +432,7 @@ def _plans(d: dict[str, Any]) -> str:
     note = ("All sites hold identical plans (same digest)." if len(groups) == 1 and len(sites) > 1 else
             "One column per plans digest, with the sites that hold it.")
     return (f"<p class='lead'>{_e(note)}</p>"
-            + _table(["Sites"] + [", ".join(m) for m in groups.values()],
+            + _table(["Sites"] + [names_line(m) if at_scale(d) else ", ".join(m) for m in groups.values()],
                      [[_e(k)] + [col.get(k, "–") for col in columns] for k in labels], cls="kv"))
 
 
