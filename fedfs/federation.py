@@ -202,6 +202,16 @@ def config_from_key_dir(
         if role != "site" or name != site:
             raise ConfigError(f"{pub}: is a key for {role} {name!r}, not site {site!r}")
         parties.append(Party(name=site, role="site", public_key=key))
+    delta = settings.pop("dp_delta", None)
+    if settings.get("dp_epsilon"):  # DP-FedAvg: the noise multiplier that keeps the planned rounds in budget
+        from .privacy.dp import DEFAULT_DELTA, noise_multiplier_for
+
+        settings["dp_delta"] = DEFAULT_DELTA if delta is None else delta
+        if not settings.get("dp_noise_multiplier"):
+            settings["dp_noise_multiplier"] = noise_multiplier_for(settings["dp_epsilon"], settings["dp_delta"],
+                                                                   settings.get("rounds", 5))
+    elif delta:
+        settings["dp_delta"] = delta  # without an epsilon: refused by FederationConfig.validate, with the reason
     configuration = check_configuration(settings.pop("configuration", "2d"),
                                         custom=settings.pop("custom_configuration", False))
     config = FederationConfig(

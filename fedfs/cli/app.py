@@ -24,6 +24,7 @@ from .options import (
     buffer_size_option,
     buffer_trigger_option,
     mode_choice,
+    privacy_options,
     role_choice,
     staleness_ab_options,
     staleness_choice,
@@ -111,6 +112,7 @@ def keygen(name: str, role: str, out_dir: str) -> None:
                    "docs/protocol.md, Retention).")
 @click.option("--align", type=align_choice, default="resolution", show_default=True,
               help="AsymFedAvg layer matching: by resolution level, or by name (the reference behaviour).")
+@privacy_options
 @storage_option
 def init(url: str, sites: str, key_dir: str, storage_options: tuple[str, ...], **settings: Any) -> None:
     """Write federation.json (once) to the bucket at URL.
@@ -131,6 +133,10 @@ def init(url: str, sites: str, key_dir: str, storage_options: tuple[str, ...], *
     click.echo(f"{fed.store.url}: federation {verb}; sha256 {fed.digest}")
     click.echo(f"  mode {fed.config.mode}, {fed.config.aggregation}, sites {', '.join(fed.config.site_names)}, "
                f"aggregator {fed.config.aggregator.name}")
+    if fed.config.rule != "fedavg" or fed.config.dp_noise_multiplier:
+        from ..privacy.dp import describe
+
+        click.echo(f"  {describe(fed.config)}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from ..protocol.schema import AGGREGATIONS, ALIGNS, BUFFER_TRIGGERS, MODES, ROLES, STALENESS, WEIGHTINGS
+from ..protocol.schema import AGGREGATIONS, ALIGNS, BUFFER_TRIGGERS, MODES, ROLES, RULES, STALENESS, WEIGHTINGS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 STORAGE_HELP = ("Backend option, e.g. -so endpoint_url=http://127.0.0.1:9000 (repeatable; "
@@ -145,6 +145,21 @@ buffer_size_option = click.option("--buffer-size", type=int, default=0, help="Fe
 staleness_ab_options = apply([
     click.option("--staleness-a", type=float, default=0.5, show_default=True, help="Async: a of --staleness."),
     click.option("--staleness-b", type=float, default=4.0, show_default=True, help="Async: b of --staleness hinge."),
+])
+
+#: `fedfs init`: the aggregation rule and differential privacy (docs/privacy.md).
+privacy_options = apply([
+    click.option("--rule", type=click.Choice(list(RULES)), default="fedavg", show_default=True,
+                 help="fedavg: the weighted mean; median / trimmed_mean: coordinate-wise, robust against a "
+                      "minority of poisoned updates (sync only; not with secure aggregation)."),
+    click.option("--trim-fraction", type=float, default=0.1, show_default=True,
+                 help="trimmed_mean: the fraction of updates dropped at each end of every coordinate."),
+    click.option("--dp-epsilon", type=float, default=0.0,
+                 help="DP-FedAvg: the whole federation's epsilon (0 = off); needs --clip and --weighting uniform. "
+                      "The noise multiplier is derived for --rounds rounds."),
+    click.option("--dp-delta", type=float, default=None, help="DP-FedAvg: delta (default 1e-5)."),
+    click.option("--clip", "dp_clip", type=float, default=0.0,
+                 help="DP-FedAvg: each site's update (trained - base) is clipped to this L2 norm."),
 ])
 
 

@@ -222,10 +222,18 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "aggregator": aggregator_liveness(r, c.aggregator.name, final=glob["final"], global_age_s=glob["age_s"],
                                           waiting=_waiting_on_aggregator(sites), now=now),
         "silent_after_s": SILENT_AFTER_S,
+        "privacy": _privacy(c, current),
         "sites": sites,
         "rejected": [x for x in rejected_by_agg if not x["key"].startswith(layout.SITES + "/")],
         "problems": r.problems,
     }
+
+
+def _privacy(c: FederationConfig, current: Any) -> dict[str, Any]:
+    """The robust rule and the DP budget spent (fedfs.privacy.dp), from the newest global's record."""
+    from ..privacy.dp import privacy_status
+
+    return privacy_status(c, current.doc.report if current is not None else None)
 
 
 def _inferred_phase(r: VerifiedReader, site: str, plans: Any) -> str:
@@ -333,6 +341,10 @@ def render_status(d: dict[str, Any]) -> Any:
                   _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"))
     parts.append(t)
     parts.extend(_liveness_lines(d))
+    if d.get("privacy"):  # the robust rule, DP budget and spending (fedfs.privacy.dp)
+        from ..privacy.dp import privacy_lines
+
+        parts.extend(Text(line) for line in privacy_lines(d["privacy"]))
 
     if g["contributions"]:
         ct = Table(title=f"Contributions to v{g['version']} ({rule_label(g['rule'], f['aggregation'])})",

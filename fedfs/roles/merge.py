@@ -82,13 +82,20 @@ def next_global(config: FederationConfig, version: int, decision: AggregateDecis
     final = decision.final or version + 1 >= c.rounds
     if not updates:  # nothing acceptable (or nothing more will come): the same weights, a new version
         return GlobalManifest(version=version + 1, blob=current.blob, site_blobs=current.site_blobs,
-                              next_rounds=cursor, report={"reason": decision.reason}, final=final)
+                              next_rounds=cursor, report={"reason": decision.reason, **_dp_carried(current)},
+                              final=final)
     glob = inputs.fetch(current.blob) if current.blob is not None else None
     site_blobs: dict[str, BlobRef] = {}
     sharing: dict[str, Any] = {}
+    dp = None
     if c.mode != "asym":
         res = aggregate(updates, out_dir / "global.safetensors", rule=rule, global_path=glob, version=version,
                         metadata=meta)
+        dp = _dp_account(c, current, len(res.contributions))
+        if dp is not None and dp.exceeds:  # over the DP budget: nothing new is released, and the federation ends
+            return GlobalManifest(version=version + 1, blob=current.blob, site_blobs=current.site_blobs,
+                                  next_rounds=cursor, report={"reason": _dp_refusal(c, dp, version),
+                                                              **_dp_carried(current)}, final=True)
         blob = inputs.put_own(res.path)
     else:
         align = "level" if c.align == "resolution" else "name"
@@ -122,6 +129,25 @@ def next_global(config: FederationConfig, version: int, decision: AggregateDecis
         contributions=contributions,
         next_rounds=cursor,
         report={"rule": res.rule, "reason": decision.reason, "tensors": res.tensors, "params": res.params,
-                "sharing": sharing},
-        final=final,
+                "sharing": sharing, **({"dp": dp.record()} if dp is not None else {})},
+        final=final or (dp is not None and not dp.next_fits),  # DP: the last global the budget allows is final
     )
+
+
+def _dp_account(config: FederationConfig, current: GlobalManifest, contributions: int) -> Any:
+    """DP-FedAvg's accountant charging this round (:func:`fedfs.privacy.dp.account_round`); None without DP."""
+    if not config.dp_noise_multiplier:
+        return None
+    from ..privacy.dp import account_round
+
+    return account_round(config, current.report.get("dp"), contributions)
+
+
+def _dp_carried(current: GlobalManifest) -> dict[str, Any]:
+    """A global that releases nothing new (the same weights) carries its predecessor's DP record."""
+    return {"dp": current.report["dp"]} if isinstance(current.report.get("dp"), dict) else {}
+
+
+def _dp_refusal(config: FederationConfig, dp: Any, version: int) -> str:
+    return (f"differential privacy budget: one more round of {dp.contributions} update(s) would bring epsilon "
+            f"above {config.dp_epsilon:g} (delta {config.dp_delta:g}); v{version}'s weights are final")

@@ -260,6 +260,10 @@ class Site:
         if follow is not None:
             follow(base * epochs)
         metrics = self.work.train_round(gpath, epochs, str(out))
+        if self.config.dp_noise_multiplier > 0:  # DP-FedAvg: clip (trained - base) to C, add this site's noise
+            from ..privacy.dp import privatize_site_update
+
+            privatize_site_update(self.config, gpath, str(out))
         faults.point("site.mid_training")
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics.setdefault("round_time_s", time.time() - t0)
@@ -274,7 +278,8 @@ class Site:
         record it as the pending update (with its original base); otherwise train again."""
         prior = self.state.training
         self.state.training = None
-        recover = getattr(self.work, "recover_round", None)
+        recover = getattr(self.work, "recover_round", None) if not self.config.dp_noise_multiplier else None
+        # (under DP the round is trained again: an update written from the checkpoint would go out unnoised)
         if recover is None:
             self._save()
             return
