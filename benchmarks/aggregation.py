@@ -17,7 +17,8 @@ above the baseline. Targets: ``fedfs_s <= 1.5 * read_floor_s`` for N >= 8, and f
 extra RSS <= 1.0 x model size for every N.
 
 ``python benchmarks/aggregation.py --json [--quick]`` prints one JSON object on stdout;
-logs go to stderr. ``--quick``: the 2D and large models at N in {2, 8}.
+logs go to stderr. ``--quick``: the 2D and large models at N in {2, 8}. Issue 18's N=100 run (3 GB of
+updates): ``--models 2d --ns 8 32 100 --no-naive --repeat 3`` (no pickles for the reference approach).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def model_shapes(model: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(p.shape) for k, p in net.named_parameters()}
 
 
-def make_inputs(model: str, n: int, folder: str) -> tuple[list[str], list[str]]:
-    """N safetensors updates (fedfs) and N pickles of the same tensors (reference approach)."""
+def make_inputs(model: str, n: int, folder: str, pickles: bool = True) -> tuple[list[str], list[str]]:
+    """N safetensors updates (fedfs) and N pickles of the same tensors (reference approach; none without ``pickles``)."""
     import torch
     from fedfs.weights.tensors import save_weights
 
@@ -73,7 +74,8 @@ def make_inputs(model: str, n: int, folder: str) -> tuple[list[str], list[str]]:
         st.append(os.path.join(folder, f"site{i:02d}.safetensors"))
         pk.append(os.path.join(folder, f"site{i:02d}.pt"))
         save_weights(st[-1], state, {"site": f"site{i:02d}", "num_cases": str(10 + 3 * i)})
-        torch.save(state, pk[-1])
+        if pickles:
+            torch.save(state, pk[-1])
     return st, pk
 
 
@@ -144,26 +146,28 @@ def measure(kind: str, files: list[str], out: str, repeat: int, threads: int | N
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(models: list[str], ns: list[int], repeat: int, folder: str, threads: int | None) -> dict[str, Any]:
+def run(models: list[str], ns: list[int], repeat: int, folder: str, threads: int | None,
+        naive: bool = True) -> dict[str, Any]:
     rows, load_start = [], os.getloadavg()[0]
     for model in models:
         sub = tempfile.mkdtemp(prefix=f"{model}-", dir=folder)
-        st, pk = make_inputs(model, max(ns), sub)
+        st, pk = make_inputs(model, max(ns), sub, pickles=naive)
         os.sync()  # no writeback of the inputs in flight: it would throttle the measured writes
         model_mb = os.path.getsize(st[0]) / MB
         for n in ns:
             out = os.path.join(sub, "out")
             fl = measure("floor", st[:n], out, repeat)
             fe = measure("fedfs", st[:n], out + ".safetensors", repeat, threads)
-            nv = measure("naive", pk[:n], out + ".pt", max(1, repeat // 2))
+            nv = measure("naive", pk[:n], out + ".pt", max(1, repeat // 2)) if naive else \
+                {"s": None, "peak_rss_mb": None, "baseline_rss_mb": None}
             row = {
                 "model": model, "n": n, "model_mb": round(model_mb, 1),
-                "fedfs_s": round(fe["s"], 4), "read_floor_s": round(fl["s"], 4), "naive_s": round(nv["s"], 4),
-                "fedfs_peak_rss_mb": round(fe["peak_rss_mb"], 1), "naive_peak_rss_mb": round(nv["peak_rss_mb"], 1),
+                "fedfs_s": round(fe["s"], 4), "read_floor_s": round(fl["s"], 4), "naive_s": _r(nv["s"], 4),
+                "fedfs_peak_rss_mb": round(fe["peak_rss_mb"], 1), "naive_peak_rss_mb": _r(nv["peak_rss_mb"], 1),
                 "baseline_rss_mb": round(fe["baseline_rss_mb"], 1),
-                "naive_baseline_rss_mb": round(nv["baseline_rss_mb"], 1),
+                "naive_baseline_rss_mb": _r(nv["baseline_rss_mb"], 1),
                 "fedfs_extra_rss_mb": round(fe["peak_rss_mb"] - fe["baseline_rss_mb"], 1),
-                "naive_extra_rss_mb": round(nv["peak_rss_mb"] - nv["baseline_rss_mb"], 1),
+                "naive_extra_rss_mb": None if nv["s"] is None else round(nv["peak_rss_mb"] - nv["baseline_rss_mb"], 1),
                 "fedfs_over_floor": round(fe["s"] / fl["s"], 2),
                 "fedfs_cpu_s": round(fe["cpu_s"], 4), "read_floor_cpu_s": round(fl["cpu_s"], 4),
             }
@@ -173,6 +177,10 @@ def run(models: list[str], ns: list[int], repeat: int, folder: str, threads: int
     figures = {"cpus": os.cpu_count(), "repeat": repeat,
                "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)], "rows": rows}
     return benchmark_output("aggregation", figures, check_targets(rows))
+
+
+def _r(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def check_targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -196,6 +204,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dir", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=None, help="fedfs worker threads (default: fedfs's choice)")
+    ap.add_argument("--ns", type=int, nargs="+", default=None, help="N values (default {2, 8, 16}; quick {2, 8})")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=None, help="models (default all; quick 2d, large)")
+    ap.add_argument("--no-naive", action="store_true",
+                    help="skip the reference approach and its pickles (N=100 of the 2D model: 3 GB fewer)")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
@@ -203,11 +215,11 @@ def main() -> None:
     if args._measure:
         print(json.dumps(_measure(args._measure, args.files, args.out, args.repeat, args.threads)))
         return
-    models = ["2d", "large"] if args.quick else list(MODELS)
-    ns = [2, 8] if args.quick else [2, 8, 16]
+    models = args.models or (["2d", "large"] if args.quick else list(MODELS))
+    ns = args.ns or ([2, 8] if args.quick else [2, 8, 16])
     folder = tempfile.mkdtemp(prefix="fedfs-bench-", dir=args.dir)
     try:
-        result = run(models, ns, args.repeat, folder, args.threads)
+        result = run(models, ns, args.repeat, folder, args.threads, naive=not args.no_naive)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(result, indent=None if args.json else 2))
