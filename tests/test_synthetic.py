@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,3 +73,68 @@ def test_bad_names_are_refused(tmp_path):
         syn.make_site(tmp_path, 1000, "X")
     with pytest.raises(ValueError):
         syn.make_site(tmp_path, 1, "../x")
+
+
+def test_3d_styles_make_volumes_with_their_spacing(tmp_path):
+    for i, style in enumerate(syn.DEFAULT_STYLES_3D):
+        img, seg = syn.make_case(np.random.default_rng(i), style)
+        assert img.shape == seg.shape == style.image_size and len(style.image_size) == 3
+        assert set(np.unique(seg)) == {0, 1}
+        assert img[seg == 1].mean() > img[seg == 0].mean()
+        assert 0.01 < seg.mean() < 0.3  # a lesion, not the whole volume
+    sp = syn.make_site(tmp_path / "raw", 8, "Vol", n_train=2, n_test=1, style=syn.DEFAULT_STYLES_3D[1])
+    img, spacing = _read(sp.images_tr / "Vol_000_0000.nii.gz")
+    assert img.shape == syn.DEFAULT_STYLES_3D[1].image_size
+    assert spacing == pytest.approx(tuple(reversed(syn.DEFAULT_STYLES_3D[1].spacing)))  # (x, y, z) in the file
+
+
+def test_3d_ellipsoid_respects_the_slice_spacing():
+    # 2 mm slices: a sphere of radius r mm spans about half as many slices as rows
+    style = syn.SiteStyle(spacing=(2.0, 1.0, 1.0), image_size=(24, 48, 48), radius_mm=(8.0, 8.0),
+                          noise=0.0, texture=0.0)
+    _, seg = syn.make_case(np.random.default_rng(0), style)
+    zs, ys, _ = np.nonzero(seg)
+    assert np.ptp(zs) + 1 == pytest.approx((np.ptp(ys) + 1) / 2, abs=2)
+
+
+def test_2d_cases_are_unchanged_by_the_3d_generalisation():
+    # pinned: the 2D demo's data must not move (its Dice thresholds were tuned on it)
+    img, seg = syn.make_case(np.random.default_rng(5), syn.DEFAULT_STYLES[1])
+    assert int(seg.sum()) == 1088 and float(img[0, 0]) == pytest.approx(1671.36, abs=0.01)
+
+
+def test_region_scheme_nests_a_core_in_the_lesion(tmp_path):
+    style = replace(syn.DEFAULT_STYLES[0], label_scheme="regions")
+    img, seg = syn.make_case(np.random.default_rng(1), style)
+    assert set(np.unique(seg)) == {0, 1, 2}
+    assert img[seg == 2].mean() > img[seg == 1].mean() > img[seg == 0].mean()  # core brighter than rim
+    sp = syn.make_site(tmp_path / "raw", 9, "Reg", n_train=2, n_test=1, style=style)
+    doc = json.loads((sp.dataset_dir / "dataset.json").read_text())
+    assert doc["labels"] == {"background": 0, "whole": [1, 2], "core": 2} and doc["regions_class_order"] == [1, 2]
+
+
+def test_sparse_annotation_ignores_bands_and_keeps_the_lesion_visible():
+    seg = np.zeros((12, 10), np.uint8)
+    seg[3:9, 2:6] = 1
+    out = syn.sparse_annotation(seg, np.random.default_rng(0), band=3)
+    ignored_rows = np.all(out == syn.IGNORE_VALUE, axis=1)
+    assert 0 < ignored_rows.sum() < 12  # whole rows (slices in 3D) are left unannotated
+    assert np.array_equal(out[~ignored_rows], seg[~ignored_rows])  # the rest keeps its labels
+    assert (out == 1).any()
+    assert np.array_equal(seg[3:9, 2:6], np.ones((6, 4)))  # the input is not changed
+    with pytest.raises(ValueError, match="above every label"):
+        syn.sparse_annotation(np.full((2, 2), 2, np.uint8), np.random.default_rng(0))
+
+
+def test_ignore_scheme_is_sparse_in_training_and_dense_held_out(tmp_path):
+    style = replace(syn.DEFAULT_STYLES[0], label_scheme="ignore")
+    sp = syn.make_site(tmp_path / "raw", 10, "Sparse", n_train=2, n_test=1, style=style)
+    doc = json.loads((sp.dataset_dir / "dataset.json").read_text())
+    assert doc["labels"] == {"background": 0, "lesion": 1, "ignore": 2}
+    train, _ = _read(sp.labels_tr / "Sparse_000.nii.gz")
+    test, _ = _read(sp.labels_ts / "Sparse_002.nii.gz")
+    assert set(np.unique(train)) == {0, 1, 2} and set(np.unique(test)) == {0, 1}
+    with pytest.raises(ValueError, match="label scheme"):
+        syn.make_pooled(tmp_path / "raw", [sp, syn.make_site(tmp_path / "raw", 11, "Dense", n_train=1, n_test=0)], 12)
+    with pytest.raises(ValueError, match="unknown label scheme"):
+        syn.make_case(np.random.default_rng(0), replace(style, label_scheme="scribbles"))

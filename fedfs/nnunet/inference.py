@@ -13,7 +13,11 @@ re-derived by loading the canonical tensors into a freshly built network and cal
 
 Prediction runs nnU-Net's real console commands in a subprocess (they start spawn pools and
 guard their own ``__main__``); :func:`dice_per_case` uses nnU-Net's ``compute_metrics`` per case,
-in-process and without a pool. nnunetv2 and torch are imported inside functions only.
+in-process and without a pool, on the dataset's labels, or its regions (each scored on the union
+of its labels) and without the voxels of its ignore label; :func:`evaluation_targets` and
+:func:`dice_scores` are the same rules in plain numpy, :func:`named_dice` names nnU-Net's
+per-class pseudo-Dice list for status and report. nnunetv2 and torch are imported inside
+functions only.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..errors import NnunetError
 from .build import trainer_search_path
 
@@ -36,7 +42,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["ModelSpec", "export_model_folder", "model_folder_in_results", "predict_folder",
-           "predict_from_results", "dice_per_case"]
+           "predict_from_results", "dice_per_case", "EvaluationTarget", "evaluation_targets", "targets_of",
+           "dice_scores", "named_dice"]
 
 
 def _load_json(path: Path) -> dict:
@@ -288,17 +295,117 @@ def predict_from_results(results_root: str | os.PathLike, dataset: str | int, co
 
 # ---------------------------------------------------------------------- evaluation
 
-def dice_per_case(pred_folder: str | os.PathLike, gt_folder: str | os.PathLike, labels: Sequence[int] = (1,),
-                  file_ending: str = ".nii.gz") -> dict[str, float]:
-    """Mean Dice over ``labels`` for every reference case, computed by nnU-Net's ``compute_metrics``.
+@dataclass(frozen=True)
+class EvaluationTarget:
+    """One thing nnU-Net segments and fedfs scores: a label, or a region (the union of labels)."""
 
-    A label absent from both reference and prediction has no Dice (nnU-Net gives NaN) and is
-    left out of the mean; a case where every label is absent in both gets ``nan``. A reference
-    case without a prediction raises :class:`~fedfs.errors.NnunetError`.
+    name: str                      # dataset.json's key ("lesion", "whole")
+    values: tuple[int, ...]        # label values whose union is the target ((1,) or (1, 2))
+
+    @property
+    def nnunet_key(self) -> int | tuple[int, ...]:
+        """How nnU-Net's evaluation names it: the label value, or the region as a tuple."""
+        return self.values[0] if len(self.values) == 1 else self.values
+
+
+def evaluation_targets(labels: Mapping[str, Any], regions_class_order: Sequence[int] | None = None
+                       ) -> tuple[list[EvaluationTarget], int | None]:
+    """The foreground labels or regions of a dataset.json ``labels`` mapping, in the order nnU-Net
+    trains and reports them (``dice_per_class_or_region``), and the ignore label (or None).
+
+    Without regions: every foreground label by value, named by its key. With regions (a list
+    value anywhere, as nnU-Net decides; ``regions_class_order`` required): every non-background
+    entry in dataset.json's order, a scalar meaning the region of that one label. ``ignore`` is
+    never a target. Pure: no nnU-Net needed, the same rules as nnU-Net's ``LabelManager``.
+    """
+    if "background" not in labels or isinstance(labels["background"], (list, tuple)) \
+            or int(labels["background"]) != 0:
+        raise NnunetError(f"dataset.json labels need background = 0, got {dict(labels)}")
+    ignore = labels.get("ignore")
+    if ignore is not None and (isinstance(ignore, (list, tuple, bool)) or not isinstance(ignore, int)):
+        raise NnunetError(f"the ignore label must be one integer, got {ignore!r}")
+    entries = [(str(k), tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),))
+               for k, v in labels.items() if k != "ignore"]
+    if ignore is not None and ignore <= max(x for _, vals in entries for x in vals):
+        raise NnunetError(f"the ignore label ({ignore}) must be the highest label value, as nnU-Net requires")
+    has_regions = any(isinstance(v, (list, tuple)) for v in labels.values())
+    if has_regions:
+        if regions_class_order is None:
+            raise NnunetError("dataset.json has regions (labels with lists of values) but no regions_class_order")
+        targets = [EvaluationTarget(k, vals) for k, vals in entries if set(vals) != {0}]
+        if len(regions_class_order) != len(targets):
+            raise NnunetError(f"regions_class_order has {len(regions_class_order)} entries for "
+                              f"{len(targets)} regions ({', '.join(t.name for t in targets)})")
+        return targets, ignore
+    by_value: dict[int, str] = {}
+    for k, (v,) in entries:
+        by_value.setdefault(v, k)
+    return [EvaluationTarget(by_value[v], (v,)) for v in sorted(by_value) if v != 0], ignore
+
+
+def targets_of(dataset_json: Mapping[str, Any]) -> tuple[list[EvaluationTarget], int | None]:
+    """:func:`evaluation_targets` of a whole dataset.json document."""
+    return evaluation_targets(dataset_json.get("labels", {}), dataset_json.get("regions_class_order"))
+
+
+def dice_scores(reference: np.ndarray, prediction: np.ndarray, targets: Sequence[EvaluationTarget],
+                ignore_label: int | None = None) -> dict[str, float]:
+    """Dice of each target on one case: a region is the union of its labels in both arrays;
+    voxels the reference marks ``ignore_label`` count for nothing (nnU-Net's rule). A target
+    absent from both (after ignoring) has no Dice: ``nan``. Pure numpy."""
+    reference, prediction = np.asarray(reference), np.asarray(prediction)
+    if reference.shape != prediction.shape:
+        raise NnunetError(f"reference {reference.shape} and prediction {prediction.shape} differ in shape")
+    use = np.ones(reference.shape, bool) if ignore_label is None else reference != ignore_label
+    out: dict[str, float] = {}
+    for t in targets:
+        ref, pred = np.isin(reference, t.values) & use, np.isin(prediction, t.values) & use
+        tp = int(np.count_nonzero(ref & pred))
+        fp_fn = int(np.count_nonzero(ref ^ pred))
+        out[t.name] = math.nan if tp + fp_fn == 0 else 2 * tp / (2 * tp + fp_fn)
+    return out
+
+
+def named_dice(dataset_json: Mapping[str, Any], per_class: Sequence[float | None], prefix: str = "dice_"
+               ) -> dict[str, float]:
+    """nnU-Net's ``dice_per_class_or_region`` list as ``{prefix + target name: value}``, in the
+    targets' order, dropping missing values; {} when the counts differ (nothing to name safely)."""
+    try:
+        targets, _ = targets_of(dataset_json)
+    except NnunetError:
+        return {}
+    if len(targets) != len(per_class):
+        return {}
+    return {f"{prefix}{t.name}": float(v) for t, v in zip(targets, per_class)
+            if v is not None and math.isfinite(float(v))}
+
+
+def dice_per_case(pred_folder: str | os.PathLike, gt_folder: str | os.PathLike,
+                  labels: Sequence[int | tuple[int, ...]] | None = None, file_ending: str = ".nii.gz", *,
+                  dataset_json: Mapping[str, Any] | str | os.PathLike | None = None,
+                  per_target: bool = False) -> dict[str, Any]:
+    """Mean Dice over the foreground targets for every reference case, computed by nnU-Net's
+    ``compute_metrics``.
+
+    The targets come from ``dataset_json`` (a document or its file) when given: its labels, or
+    its regions (Dice of each region on the union of its labels), and its ignore label (voxels
+    the reference marks ``ignore`` are left out). Otherwise ``labels`` (label values or tuples
+    of them), by default ``(1,)``. A target absent from both reference and prediction has no
+    Dice (nnU-Net gives NaN) and is left out of the mean; a case where every target is absent
+    gets ``nan``. ``per_target=True`` returns ``{case: {target name: Dice}}`` instead of the
+    mean. A reference case without a prediction raises :class:`~fedfs.errors.NnunetError`.
     """
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
+    ignore_label = None
+    if dataset_json is not None:
+        doc = _load_json(Path(dataset_json)) if isinstance(dataset_json, (str, os.PathLike)) else dataset_json
+        targets, ignore_label = targets_of(doc)
+        file_ending = doc.get("file_ending", file_ending)
+    else:
+        targets = [EvaluationTarget(str(v), tuple(v) if isinstance(v, (list, tuple)) else (int(v),))
+                   for v in (labels if labels is not None else (1,))]
     refs = sorted(p for p in Path(gt_folder).iterdir() if p.name.endswith(file_ending))
     if not refs:
         raise NnunetError(f"no {file_ending} reference segmentations in {gt_folder}")
@@ -307,9 +414,12 @@ def dice_per_case(pred_folder: str | os.PathLike, gt_folder: str | os.PathLike, 
         raise NnunetError(f"{len(missing)} case(s) have no prediction in {pred_folder}: {missing[:5]}")
     rw = determine_reader_writer_from_file_ending(file_ending, str(refs[0]), allow_nonmatching_filename=True,
                                                   verbose=False)()
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for ref in refs:
-        metrics = compute_metrics(str(ref), str(Path(pred_folder) / ref.name), rw, list(labels))["metrics"]
-        values = [m["Dice"] for m in metrics.values() if not math.isnan(m["Dice"])]
-        out[ref.name[: -len(file_ending)]] = float(sum(values) / len(values)) if values else math.nan
+        metrics = compute_metrics(str(ref), str(Path(pred_folder) / ref.name), rw,
+                                  [t.nnunet_key for t in targets], ignore_label)["metrics"]
+        scores = {t.name: float(metrics[t.nnunet_key]["Dice"]) for t in targets}
+        values = [v for v in scores.values() if not math.isnan(v)]
+        case = ref.name[: -len(file_ending)]
+        out[case] = scores if per_target else (float(sum(values) / len(values)) if values else math.nan)
     return out
