@@ -151,3 +151,44 @@ def test_federation_config_refuses_secure_aggregation_where_it_cannot_work(tmp_p
         toy_federation(tmp_path, ["A", "B", "C"], secure_aggregation=True, **settings)
     with pytest.raises(SchemaError, match="at least 3 sites"):
         toy_federation(tmp_path / "two", ["A", "B"], secure_aggregation=True)
+
+
+def test_round_helpers_over_update_files_finish_with_a_site_killed_after_masking(federation, tmp_path):
+    """The hooks the site and aggregator roles call: safetensors files in, the weighted mean out."""
+    from safetensors.numpy import save_file
+
+    from fedfs.privacy.secagg_rounds import aggregator_round_step, site_round_step
+
+    names = ["A", "B", "C", "D"]
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names, seed=7)
+    base["counter"] = np.asarray([3], np.int64)  # an integer buffer survives as one
+    save_file(base, str(tmp_path / "global.safetensors"))
+    for s in names:
+        save_file({**updates[s], "counter": np.asarray([4], np.int64)}, str(tmp_path / f"{s}.safetensors"))
+    total_w = sum(weights.values())
+    for s in names:  # ahead of training: keys and shares
+        assert site_round_step(fed.bucket, ids[s], tmp_path / f"w-{s}", 5) == "advertised"
+    assert aggregator_round_step(fed.bucket, ids["agg"], 5, global_path=str(tmp_path / "global.safetensors"),
+                                 weight_total=total_w)[0] == "roster keys"
+    done, mean = set(), None
+    for _ in range(10):
+        for s in names:
+            if s == "D" and "D-masked" in done:
+                continue  # D was killed after masking
+            what = site_round_step(fed.bucket, ids[s], tmp_path / f"w-{s}", 5,
+                                   global_path=str(tmp_path / "global.safetensors"),
+                                   update_path=str(tmp_path / f"{s}.safetensors"), weight=weights[s],
+                                   weight_total=total_w)
+            if what == "masked" and s == "D":
+                done.add("D-masked")
+        what, mean, agg = aggregator_round_step(fed.bucket, ids["agg"], 5, weight_total=total_w, close=True,
+                                                global_path=str(tmp_path / "global.safetensors"))
+        if mean is not None:
+            break
+    assert mean is not None and agg.survivors == names
+    plain = fixedpoint.plain_weighted_mean(updates, weights)
+    for n in plain:
+        assert mean[n].dtype == np.float32
+        assert np.max(np.abs(mean[n] - plain[n])) <= len(names) * FP.step + 1e-7
+    assert mean["counter"].dtype == np.int64 and int(mean["counter"][0]) == 4

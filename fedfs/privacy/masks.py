@@ -33,7 +33,8 @@ __all__ = ["WORD_DTYPES", "public_key_of", "agree", "pairwise_seed", "share_key"
 #: The unsigned word types a masked tensor may use.
 WORD_DTYPES = {"uint32": np.uint32, "uint64": np.uint64}
 _NONCE = bytes(12)  # each AEAD key encrypts exactly one message (its info binds sender, receiver, session)
-_CHUNK = 1 << 22  # keystream bytes per call: bounded scratch memory
+_CHUNK = 1 << 22  # keystream bytes per call
+_ZEROS = memoryview(bytes(_CHUNK))  # ChaCha20 of zeros is the keystream itself
 
 
 def b64(data: bytes) -> str:
@@ -95,34 +96,40 @@ def decrypt(key: bytes, ciphertext: bytes, aad: bytes, where: str) -> bytes:
         raise SignatureError(f"{where}: encrypted share fails authentication (altered, or not meant for us)") from None
 
 
-def _stream_into(seed: bytes, label: str, out: np.ndarray) -> None:
-    """Fill ``out`` (a contiguous unsigned array) with ChaCha20 keystream for (seed, label)."""
-    nonce = hashlib.sha256(b"fedfs-mask-nonce\x00" + label.encode()).digest()[:16]
-    enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
-    flat = out.reshape(-1).view(np.uint8)
-    zeros = np.zeros(min(_CHUNK, flat.size), np.uint8)
-    for start in range(0, flat.size, _CHUNK):
-        part = flat[start:start + _CHUNK]
-        # update_into needs an output buffer at least as long as the input, plus block slack
-        buf = bytearray(part.size + 63)
-        n = enc.update_into(memoryview(zeros)[:part.size], buf)
-        part[:] = np.frombuffer(buf, np.uint8, count=n)
+class _Stream:
+    """The ChaCha20 keystream of (seed, label), read sequentially into numpy buffers."""
+
+    def __init__(self, seed: bytes, label: str) -> None:
+        nonce = hashlib.sha256(b"fedfs-mask-nonce\x00" + label.encode()).digest()[:16]
+        self._enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
+
+    def fill(self, out: np.ndarray) -> None:
+        flat = out.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _CHUNK):
+            part = flat[start:start + _CHUNK]
+            self._enc.update_into(_ZEROS[:part.size], part)
 
 
 def apply_mask(arrays: Mapping[str, np.ndarray], seed: bytes, sign: int,
                scratch: dict[str, np.ndarray] | None = None) -> None:
     """Add (``sign`` = +1) or subtract (-1) the mask of ``seed`` to every array, in place,
-    modulo its word size; each tensor name gets its own stream, so the layout's order does not
-    matter. ``scratch`` (name -> array like each) avoids an allocation per call."""
+    modulo its word size. The mask is one keystream per word type, laid over that type's
+    tensors in name order. ``scratch`` (name -> array like each) avoids an allocation per call."""
     if sign not in (1, -1):
         raise ValueError("sign must be +1 or -1")
-    for name in sorted(arrays):
-        arr = arrays[name]
-        if arr.dtype not in (np.uint32, np.uint64) or not arr.flags.c_contiguous:
-            raise ValueError(f"tensor {name!r}: masks apply to contiguous uint32/uint64 arrays, got {arr.dtype}")
-        mask = scratch[name] if scratch is not None and name in scratch else np.empty_like(arr)
-        _stream_into(seed, name, mask)
-        if sign > 0:
-            np.add(arr, mask, out=arr)
-        else:
-            np.subtract(arr, mask, out=arr)
+    for word in ("uint32", "uint64"):
+        names = sorted(n for n, a in arrays.items() if a.dtype == WORD_DTYPES[word])
+        stream = _Stream(seed, word) if names else None
+        for name in names:
+            arr = arrays[name]
+            if not arr.flags.c_contiguous or not arr.flags.writeable:
+                raise ValueError(f"tensor {name!r}: masks apply to contiguous writeable arrays")
+            mask = scratch[name] if scratch is not None and name in scratch else np.empty_like(arr)
+            stream.fill(mask)
+            if sign > 0:
+                np.add(arr, mask, out=arr)
+            else:
+                np.subtract(arr, mask, out=arr)
+    other = [n for n, a in arrays.items() if a.dtype not in (np.uint32, np.uint64)]
+    if other:
+        raise ValueError(f"tensors {other[:3]}: masks apply to uint32/uint64 arrays only")

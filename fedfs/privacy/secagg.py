@@ -32,7 +32,7 @@ from .secagg_documents import (
 )
 
 __all__ = ["SessionParams", "SiteSecrets", "advertise", "share_keys", "mask_input", "receive_shares",
-           "unmask_shares", "make_roster", "unmask_sum", "layout_digest", "MIN_SITES"]
+           "unmask_shares", "make_roster", "add_masked", "remove_masks", "unmask_sum", "layout_digest", "MIN_SITES"]
 
 #: Fewer sites than this cannot hide one site's input from the others' view of the sum.
 MIN_SITES = 3
@@ -257,25 +257,26 @@ def make_roster(params: SessionParams, stage: str, present: list[str], previous:
 
 def layout_digest(arrays: Mapping[str, np.ndarray]) -> str:
     """sha256 of the names, shapes and word types of a masked input."""
-    spec = [[n, list(np.shape(arrays[n])), str(np.asarray(arrays[n]).dtype)] for n in sorted(arrays)]
+    spec = [[n, list(arrays[n].shape), arrays[n].dtype.str] for n in sorted(arrays)]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
-def unmask_sum(params: SessionParams, keys: Mapping[str, SecAggKeys], masked_roster: SecAggRoster,
-               masked: Mapping[str, Mapping[str, np.ndarray]], unmasks: Mapping[str, SecAggUnmask]) -> dict[str, np.ndarray]:
-    """The aggregator's last step: the survivors' masked inputs summed, minus their self masks
-    (seeds rebuilt from ``t`` shares) and minus the dropouts' pairwise masks (keys rebuilt)."""
+def add_masked(total: dict[str, np.ndarray] | None, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fold one masked input into the running sum (modulo each word size); the first one starts it."""
+    if total is None:
+        return {n: np.array(a, copy=True, order="C") for n, a in arrays.items()}
+    if layout_digest(total) != layout_digest(arrays):
+        raise ValidationError("the masked inputs differ in tensor layout")
+    for n in total:
+        np.add(total[n], arrays[n], out=total[n])
+    return total
+
+
+def remove_masks(params: SessionParams, keys: Mapping[str, SecAggKeys], masked_roster: SecAggRoster,
+                 total: dict[str, np.ndarray], unmasks: Mapping[str, SecAggUnmask]) -> dict[str, np.ndarray]:
+    """From the sum of the survivors' masked inputs, remove their self masks (seeds rebuilt from
+    ``t`` shares) and the dropouts' pairwise masks (keys rebuilt); in place, and returned."""
     survivors = masked_roster.sites
-    if sorted(masked) != survivors:
-        raise ValidationError(f"session {params.session}: masked inputs from {sorted(masked)}, survivors {survivors}")
-    layouts = {layout_digest(masked[s]) for s in survivors}
-    if len(layouts) != 1:
-        raise ValidationError(f"session {params.session}: the masked inputs differ in tensor layout")
-    first = masked[survivors[0]]
-    total = {n: np.array(a, copy=True, order="C") for n, a in first.items()}
-    for s in survivors[1:]:
-        for n in total:
-            np.add(total[n], masked[s][n], out=total[n])
     scratch = {n: np.empty_like(a) for n, a in total.items()}
     roster_digest = digest(masked_roster)
     docs = {r: u for r, u in unmasks.items() if r in survivors and u.roster == roster_digest}
@@ -297,3 +298,15 @@ def unmask_sum(params: SessionParams, keys: Mapping[str, SecAggKeys], masked_ros
                 seed = masks.pairwise_seed(private, masks.unb64(keys[j].mask_key, j, 32), params.session, d, j)
                 masks.apply_mask(total, seed, -1 if j < d else +1, scratch)
     return total
+
+
+def unmask_sum(params: SessionParams, keys: Mapping[str, SecAggKeys], masked_roster: SecAggRoster,
+               masked: Mapping[str, Mapping[str, np.ndarray]], unmasks: Mapping[str, SecAggUnmask]) -> dict[str, np.ndarray]:
+    """The aggregator's last step: the survivors' masked inputs summed, their masks removed."""
+    if sorted(masked) != masked_roster.sites:
+        raise ValidationError(f"session {params.session}: masked inputs from {sorted(masked)}, "
+                              f"survivors {masked_roster.sites}")
+    total = None
+    for s in masked_roster.sites:
+        total = add_masked(total, masked[s])
+    return remove_masks(params, keys, masked_roster, total, unmasks)

@@ -30,12 +30,16 @@ from ..protocol.documents import Document
 from ..protocol.schema import FederationConfig
 from ..trust.bucket import Bucket
 from ..trust.signing import Identity
-from . import secagg
+from . import fixedpoint, secagg
 from .secagg_documents import (
     SecAggKeys, SecAggMasked, SecAggRoster, SecAggShares, SecAggUnmask, digest, roster_key, site_stage_key,
 )
 
-__all__ = ["SecureSite", "SecureAggregator", "session_params", "run_session", "MAX_MASKED_BYTES"]
+__all__ = ["SecureSite", "SecureAggregator", "session_params", "round_session", "site_round_step",
+           "aggregator_round_step", "run_session", "decode_masked", "MAX_MASKED_BYTES", "DEFAULT_FIXED_POINT"]
+
+#: The encoding of a training round's updates (32-bit words; coordinates may move up to 4 per round).
+DEFAULT_FIXED_POINT = fixedpoint.FixedPoint(bits=32, max_abs=4.0)
 
 #: Largest masked-input payload a party reads (a 3D nnU-Net in uint32 is about 70 MiB).
 MAX_MASKED_BYTES = 2 << 30
@@ -62,16 +66,52 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _load_masked(bucket: Bucket, doc: SecAggMasked) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
+_WORDS = {"U32": np.uint32, "U64": np.uint64}
 
+
+def decode_masked(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """A masked input's safetensors bytes as read-only uint32/uint64 arrays viewing ``data``
+    (no copy); ValidationError naming ``where`` unless the header is well formed and its byte
+    ranges tile the data exactly."""
+    from ..protocol.documents import loads_strict
+
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= 16 << 20 or 8 + n > len(data):
+        raise ValidationError(f"{where}: not a safetensors payload (header length {n})")
+    header = loads_strict(data[8:8 + n], where)
+    if not isinstance(header, dict):
+        raise ValidationError(f"{where}: safetensors header is not an object")
+    header.pop("__metadata__", None)
+    start, arrays, spans = 8 + n, {}, []
+    for name, e in header.items():
+        ok = (isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"} and e["dtype"] in _WORDS
+              and isinstance(e["shape"], list) and len(e["shape"]) <= 8
+              and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in e["shape"])
+              and isinstance(e["data_offsets"], list) and len(e["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in e["data_offsets"]))
+        if not ok:
+            raise ValidationError(f"{where}: tensor {name[:60]!r} is not a uint32/uint64 entry")
+        dtype = np.dtype(_WORDS[e["dtype"]])
+        count = int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1
+        a, b = e["data_offsets"]
+        if b - a != count * dtype.itemsize:
+            raise ValidationError(f"{where}: tensor {name[:60]!r} has {b - a} bytes for {count} words")
+        spans.append((a, b))
+        arrays[name] = np.frombuffer(data, dtype, count, start + a).reshape(e["shape"])
+    pos = 0
+    for a, b in sorted(spans):
+        if a != pos:
+            raise ValidationError(f"{where}: tensor byte ranges do not tile the payload")
+        pos = b
+    if start + pos != len(data):
+        raise ValidationError(f"{where}: tensor byte ranges do not tile the payload")
+    return arrays
+
+
+def _load_masked(bucket: Bucket, doc: SecAggMasked) -> dict[str, np.ndarray]:
     data = bucket.get_blob_bytes(doc.blob, max_size=MAX_MASKED_BYTES)
-    try:
-        arrays = load(data)
-    except Exception as exc:  # safetensors raises its own error types for a malformed header
-        raise ValidationError(f"{doc.blob.key}: not a safetensors payload ({exc})", key=doc.blob.key) from None
-    bad = [n for n, a in arrays.items() if a.dtype not in (np.uint32, np.uint64)]
-    if bad or secagg.layout_digest(arrays) != doc.layout:
+    arrays = decode_masked(data, doc.blob.key)
+    if secagg.layout_digest(arrays) != doc.layout:
         raise ValidationError(f"{doc.blob.key}: tensors do not match the layout its manifest names", key=doc.blob.key)
     return arrays
 
@@ -265,10 +305,66 @@ class SecureAggregator(_Party):
                 return "waiting"
         keys = self._docs("keys", SecAggKeys, sorted(set(survivors) | set(r_masked.dropped)))
         masked_docs = self._docs("masked", SecAggMasked, survivors)
-        masked = {s: _load_masked(self.bucket, d) for s, d in masked_docs.items()}
-        self.result = secagg.unmask_sum(self.params, keys, r_masked, masked, unmasks)
+        if sorted(masked_docs) != survivors:
+            raise ValidationError(f"session {self.params.session}: a survivor's masked input is no longer readable: "
+                                  f"{sorted(set(survivors) - set(masked_docs))}")
+        total = None
+        for s in survivors:  # one payload in memory at a time
+            total = secagg.add_masked(total, _load_masked(self.bucket, masked_docs[s]))
+        self.result = secagg.remove_masks(self.params, keys, r_masked, total, unmasks)
         self.survivors, self.dropped = list(survivors), list(r_masked.dropped)
         return "done"
+
+
+def round_session(base_version: int) -> str:
+    """The session of the synchronous round trained from global ``base_version``: ``v000003``."""
+    return f"v{base_version:06d}"
+
+
+def _fixed_point(config: FederationConfig) -> fixedpoint.FixedPoint:
+    opts = config.options or {}
+    return fixedpoint.FixedPoint(bits=32, max_abs=float(opts.get("secagg_max_abs", DEFAULT_FIXED_POINT.max_abs)))
+
+
+def site_round_step(bucket: Bucket, identity: Identity, workdir: str | os.PathLike[str], base_version: int, *,
+                    global_path: str | None = None, update_path: str | None = None, weight: int = 1,
+                    weight_total: int = 1) -> str:
+    """One step of a site's secure round from global ``base_version`` (the site role calls it
+    until ``done``): without ``update_path`` it advertises and shares ahead of training; with it
+    (and the global it trained from) it masks and publishes the update, then unmasks."""
+    from safetensors.numpy import load_file
+
+    assert bucket.config is not None
+    site = SecureSite(bucket, identity, workdir, session_params(bucket.config, round_session(base_version)))
+    inputs = None
+    if update_path is not None and global_path is not None:
+        def inputs() -> Mapping[str, np.ndarray]:
+            return fixedpoint.encode_update(load_file(update_path), load_file(global_path), weight, weight_total,
+                                            _fixed_point(bucket.config))
+    return site.step(inputs)
+
+
+def aggregator_round_step(bucket: Bucket, identity: Identity, base_version: int, *, global_path: str,
+                          weight_total: int, close: bool = False) -> tuple[str, dict[str, np.ndarray] | None, Any]:
+    """One step of the aggregator's secure round from global ``base_version``: (what it did, the
+    survivors' weighted mean when ``done`` else None, the aggregator object: ``survivors``,
+    ``dropped``, ``rejected``). ``close``: the round's deadline passed; close the current stage
+    with whoever is in."""
+    from safetensors.numpy import load_file
+
+    assert bucket.config is not None
+    agg = SecureAggregator(bucket, identity, session_params(bucket.config, round_session(base_version)))
+    what = agg.step(close=close)
+    while what.startswith("roster") and not close:  # rosters due now; a deadline closes one stage a step
+        after = agg.step()
+        if after == "waiting":
+            break
+        what = after
+    if what != "done":
+        return what, None, agg
+    assert agg.result is not None
+    mean, _ = fixedpoint.decode_mean(agg.result, load_file(global_path), weight_total, _fixed_point(bucket.config))
+    return what, mean, agg
 
 
 def run_session(sites: Mapping[str, SecureSite], aggregator: SecureAggregator,
