@@ -192,3 +192,29 @@ def test_round_helpers_over_update_files_finish_with_a_site_killed_after_masking
         assert mean[n].dtype == np.float32
         assert np.max(np.abs(mean[n] - plain[n])) <= len(names) * FP.step + 1e-7
     assert mean["counter"].dtype == np.int64 and int(mean["counter"][0]) == 4
+
+
+def test_a_masked_payload_is_read_strictly():
+    import json as _json
+
+    from safetensors.numpy import save
+
+    from fedfs.privacy.secagg_rounds import decode_masked
+
+    good = save({"a": np.arange(6, dtype=np.uint32).reshape(2, 3), "b": np.arange(2, dtype=np.uint64)})
+    arrays = decode_masked(good, "m")
+    assert arrays["a"].shape == (2, 3) and int(arrays["b"][1]) == 1
+    with pytest.raises(ValidationError, match="not a uint32/uint64 entry"):
+        decode_masked(save({"a": np.zeros(3, np.float32)}), "m")
+
+    def forged(header, body=b""):
+        raw = _json.dumps(header).encode()
+        return len(raw).to_bytes(8, "little") + raw + body
+
+    with pytest.raises(ValidationError, match="do not tile"):  # overlapping ranges
+        decode_masked(forged({"a": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]},
+                              "b": {"dtype": "U32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "m")
+    with pytest.raises(ValidationError, match="bytes for"):
+        decode_masked(forged({"a": {"dtype": "U64", "shape": [10 ** 9], "data_offsets": [0, 8]}}, bytes(8)), "m")
+    with pytest.raises(ValidationError, match="header length"):
+        decode_masked(b"\xff" * 16, "m")
