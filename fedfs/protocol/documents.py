@@ -47,8 +47,7 @@ MAX_NUMBER_CHARS = 100
 #: Integers a document field may hold: signed 64-bit, what numpy and every other reader can take.
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 
-_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: no per-character alternation
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -75,16 +74,13 @@ def brief(value: Any, limit: int = 60) -> str:
 
 def _max_depth(text: str) -> int:
     """The deepest nesting of ``[`` and ``{`` outside strings (an over-estimate for invalid JSON,
-    which the parser refuses anyway); numpy keeps it linear and fast for 16 MiB."""
-    brackets = _NOT_BRACKET_RE.sub("", _STRING_RE.sub("", text))
-    if len(brackets) <= 2 * MAX_JSON_DEPTH:
-        depth = deepest = 0
-        for c in brackets:
-            depth += 1 if c in "[{" else -1
-            deepest = max(deepest, depth)
-        return deepest
-    arr = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
-    steps = np.where((arr == 0x5B) | (arr == 0x7B), 1, -1).astype(np.int64)
+    which the parser refuses anyway); linear, in C and numpy, so 16 MiB take milliseconds."""
+    bare = _STRING_RE.sub("", text)
+    opened = bare.count("[") + bare.count("{")
+    if opened <= MAX_JSON_DEPTH:  # cannot nest deeper than it opens
+        return opened
+    arr = np.frombuffer(bare.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    steps = ((arr == 0x5B) | (arr == 0x7B)).astype(np.int64) - ((arr == 0x5D) | (arr == 0x7D))
     return int(np.cumsum(steps).max())
 
 
