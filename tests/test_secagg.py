@@ -136,6 +136,21 @@ def test_a_lying_aggregator_that_says_a_live_site_dropped_is_refused():
                             for s, u in lied.items() if "B" in u.self_shares}, p.threshold)
 
 
+def test_a_roster_that_isolates_a_site_is_refused():
+    names = list("ABCDE")  # t = 3
+    inputs = random_inputs(names, seed=6)
+    p, sec, keys, shares, (r_keys, r_shares, _), masked, _ = run_stages(names, inputs)
+    # a lying aggregator: "everyone but A and B dropped", so the sum would be A's and B's inputs alone
+    lie = SecAggRoster(session=SESSION, stage="masked", sites=["A", "B"], dropped=["C", "D", "E"],
+                       previous=digest(r_shares))
+    received = secagg.receive_shares(p, sec["A"], keys, {j: shares[j] for j in p.neighbours("A")})
+    with pytest.raises(ValidationError, match="keeps 2 of A's neighbourhood, below the threshold 3"):
+        secagg.unmask_shares(p, sec["A"], r_shares, lie, received)
+    small = SecAggRoster(session=SESSION, stage="shares", sites=["A", "B"], previous=digest(r_keys))
+    with pytest.raises(ValidationError, match="below the threshold"):
+        secagg.mask_input(p, sec["A"], small, keys, inputs["A"])
+
+
 def test_an_unmask_document_revealing_both_shares_is_malformed():
     body = SecAggUnmask(site="A", session=SESSION, roster="0" * 64, self_shares={"B": "0" * 132},
                         key_shares={"B": "0" * 132}).to_dict()

@@ -138,6 +138,15 @@ def _check_roster(roster: SecAggRoster, params: SessionParams, stage: str, previ
             raise ValidationError(f"{where}: survivors and dropouts must be exactly the sites that shared")
 
 
+def _require_quorum(params: SessionParams, me: str, sites: list[str], what: str) -> None:
+    """A roster must keep at least ``t`` of our neighbourhood: an aggregator that isolates a site
+    (everyone else "dropped") would otherwise learn that site's input as the sum."""
+    kept = [j for j in (me, *params.neighbours(me)) if j in sites]
+    if len(kept) < params.threshold:
+        raise ValidationError(f"the {what} of session {params.session} keeps {len(kept)} of {me}'s neighbourhood, "
+                              f"below the threshold {params.threshold}; refusing to go on")
+
+
 def advertise(secrets: SiteSecrets) -> SecAggKeys:
     """Stage 1: the site's ephemeral public keys."""
     return SecAggKeys(site=secrets.site, session=secrets.session,
@@ -194,6 +203,7 @@ def mask_input(params: SessionParams, secrets: SiteSecrets, roster: SecAggRoster
     me = secrets.site
     if me not in roster.sites:
         raise ValidationError(f"{me}: the shares roster of session {params.session} leaves this site out")
+    _require_quorum(params, me, roster.sites, "shares roster")
     out = {n: np.array(a, copy=True, order="C") for n, a in inputs.items()}
     scratch = {n: np.empty_like(a) for n, a in out.items()}
     masks.apply_mask(out, secrets.self_seed, +1, scratch)
@@ -221,6 +231,7 @@ def unmask_shares(params: SessionParams, secrets: SiteSecrets, shares_roster: Se
                               "reveal anything (a lying aggregator would learn masks)")
     if me not in masked_roster.sites:
         raise ValidationError(f"{where}: does not list {me} as a survivor")
+    _require_quorum(params, me, masked_roster.sites, "masked roster")
     if answered is not None and answered != digest(masked_roster):
         raise ValidationError(f"{where}: differs from the roster {me} already answered; refusing a second answer")
     if masked_exists is not None:
