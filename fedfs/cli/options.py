@@ -160,6 +160,9 @@ privacy_options = apply([
     click.option("--dp-delta", type=float, default=None, help="DP-FedAvg: delta (default 1e-5)."),
     click.option("--clip", "dp_clip", type=float, default=0.0,
                  help="DP-FedAvg: each site's update (trained - base) is clipped to this L2 norm."),
+    click.option("--secure-aggregation", is_flag=True,
+                 help="SecAgg+ over the bucket: the aggregator learns only the sum of each round's updates and the "
+                      "pooled FFE fingerprint (sync, ffe or fedavg, at least 3 sites; docs/secure-aggregation.md)."),
 ])
 
 
