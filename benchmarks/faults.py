@@ -540,18 +540,23 @@ def audit(fed: Federation, honest_sites: list[str]) -> dict[str, Any]:
 
     from fedfs.weights.tensors import load_weights, validate_update
 
-    b, store = fed.bucket, fed.store
+    from fedfs.trust.bucket import Bucket
+
+    store = fed.store
+    b = Bucket(store, fed.config)  # a fresh view: what the bucket holds now, nothing remembered
     tmp = Path(tempfile.mkdtemp(prefix="fedfs-audit-"))
     corrupt: list[dict[str, Any]] = []
     manifests: dict[int, GlobalManifest] = {}
     try:
-        versions = sorted(v for v in (layout.parse_version_key(k) for k in store.list(layout.GLOBALS_PREFIX))
-                          if v is not None)
+        versions = sorted({v for v in (layout.parse_version_key(k) for k in store.list(layout.GLOBALS_PREFIX))
+                           if v is not None})  # a slot's alternatives share its version
         final_at = None
         ref_shapes = None
         for v in versions:
             try:
                 m = b.read(layout.global_version(v), GlobalManifest).doc
+            except NotFound:  # only junk at that version's slot (recorded in b.junk): no global there
+                continue
             except ValidationError as exc:
                 corrupt.append({"version": v, "reason": f"manifest does not verify: {exc}"})
                 continue
@@ -605,13 +610,13 @@ def audit(fed: Federation, honest_sites: list[str]) -> dict[str, Any]:
         listed_keys = {c.key for m in manifests.values() for c in m.contributions}
         lost, published = [], 0
         for site in honest_sites:
-            for key in store.list(layout.site_updates_prefix(site)):
-                if layout.parse_update_key(key) is None:
-                    continue
+            slots = {layout.slot_primary(k) for k in store.list(layout.site_updates_prefix(site))
+                     if layout.parse_update_key(k) is not None}
+            for slot in sorted(slots):
                 try:
-                    b.read(key, UpdateManifest)
-                except ValidationError:
-                    continue  # not a valid update (a hostile file): the rejection check covers it
+                    key = b.read(slot, UpdateManifest).key  # the slot's value (junk beside it is skipped)
+                except (NotFound, ValidationError):
+                    continue  # no valid update there (hostile files only): the rejection check covers them
                 published += 1
                 if key not in listed_keys and key not in rejected:
                     lost.append(key)
@@ -684,7 +689,7 @@ class Hostile:
         self.M = load_identity(keys / f"{HOSTILE_SITE}.key")
         self.tried: list[dict[str, str]] = []  # {kind, key}
         self.phase = 0
-        self.next_round = 0
+        self.next_round, self.next_alt = 0, 0  # M's next update slot and alternative
         self._stop = threading.Event()
         self._setup: threading.Thread | None = None
         self._setup_error = ""
@@ -744,10 +749,17 @@ class Hostile:
         return body
 
     def _post(self, kind: str, data: bytes, key: str | None = None) -> str:
-        key = key or layout.site_update(HOSTILE_SITE, self.next_round)
-        if key == layout.site_update(HOSTILE_SITE, self.next_round):
-            self.next_round += 1
+        """Publish ``data`` at ``key``, by default M's next update slot. As the protocol has it, a file that
+        is not a valid manifest does not take the round: M's next file goes to that slot's next alternative."""
+        own = key is None
+        key = key or layout.slot_candidate(layout.site_update(HOSTILE_SITE, self.next_round), self.next_alt)
         self.store.publish(key, data)
+        if own:
+            try:
+                self.bucket.read_exact(key, UpdateManifest)
+                self.next_round, self.next_alt = self.next_round + 1, 0
+            except ValidationError:
+                self.next_alt += 1
         self.tried.append({"kind": kind, "key": key})
         return key
 
@@ -942,7 +954,8 @@ def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     v1_raw = store.read_bytes(layout.global_version(1))
     out = []
 
-    def probe(kind: str, key: str, write: Callable[[], None], undo: Callable[[], None], expect: str) -> None:
+    def probe(kind: str, key: str, write: Callable[[], None], undo: Callable[[], None], expect: str,
+              bad_version: int) -> None:
         work = root / f"probe-{kind}"
         shutil.copytree(root / "w-B", work)
         for f in (work / "globals").glob("*"):
@@ -956,7 +969,9 @@ def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
                 site.step()
         except Exception as exc:  # noqa: BLE001 - what the site does with it is the result
             error = f"{type(exc).__name__}: {exc}"
-        trained = store.list(layout.site_updates_prefix("B")) != before
+        new = [k for k in store.list(layout.site_updates_prefix("B")) if k not in before]
+        # trained from the bad global? (B may train from the newest *valid* one: junk at v2's key is no global)
+        trained = any(b.read_exact(k, UpdateManifest).doc.base_version == bad_version for k in new)
         recorded = _status_rejections(fed, layout.site_status("B")).get(key, "")
         undo()
         for k in store.list(layout.site_updates_prefix("B")):
@@ -970,17 +985,17 @@ def site_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     body = GlobalManifest(version=2, blob=v1.doc.blob, next_rounds={s: 2 for s in SITES}).to_dict()
     probe("global_signed_by_site", v2,
           lambda: store.publish(v2, canonical_json(load_identity(keys / "A.key").sign(body))),
-          lambda: store.delete(v2), "only the aggregator may write here")
+          lambda: store.delete(v2), "only the aggregator may write here", 2)
     env = json.loads(v1_raw)
     env["body"]["version"] = 2
     probe("global_forged_signature", v2, lambda: store.publish(v2, canonical_json(env)),
-          lambda: store.delete(v2), "does not verify")
+          lambda: store.delete(v2), "does not verify", 2)
     blob_key = v1.doc.blob.key
     good = store.read_bytes(blob_key)
     flipped = bytearray(good)
     flipped[-3] ^= 0x01
     probe("global_payload_bitflip", blob_key, lambda: store.write_bytes(blob_key, bytes(flipped)),
-          lambda: store.write_bytes(blob_key, good), "sha256")
+          lambda: store.write_bytes(blob_key, good), "sha256", 1)
     return out
 
 
@@ -1096,8 +1111,13 @@ def _restart_and_squat_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
             res = str(sites["B"].step())
         except Exception as exc:  # noqa: BLE001
             res = f"raised {type(exc).__name__}: {str(exc)[-200:]}"
+        from fedfs.protocol.schema import UpdateManifest
+
+        landed = fed.bucket.published(layout.site_update("B", 1), UpdateManifest)
         out.append({"probe": "garbage_at_honest_site_next_key", "refused": None,
-                    "site_can_continue": not res.startswith("raised"), "detail": f"site B step: {res}"})
+                    "site_can_continue": not res.startswith("raised") and landed is not None
+                    and landed.doc.round == 1 and landed.key != layout.site_update("B", 1),
+                    "detail": f"site B step: {res}; r1 lies at {landed.key if landed else None}"})
     return out
 
 

@@ -110,4 +110,4 @@ def verify_document(config: Any, key: str, data: bytes, source: str) -> Signed[A
     cls = document_class(key)
     if cls is None:
         raise SchemaError(f"{source}:{key}: not a fedfs document key")
-    return Bucket(MemoryStore({key: data}, name=source, read_only=True), config).read(key, cls)
+    return Bucket(MemoryStore({key: data}, name=source, read_only=True), config).read_exact(key, cls)

@@ -27,6 +27,8 @@ class VerifiedReader:
         self.fed = fed
         #: ``{"key", "error"}`` for every file (or listing) that did not verify or could not be read.
         self.problems: list[dict[str, str]] = []
+        if fed.bucket.on_junk is None:  # junk skipped where a write-once manifest belongs is a problem too
+            fed.bucket.on_junk = self.problem
 
     def problem(self, key: str, error: str) -> None:
         """Record a problem with ``key`` (also for checks of the caller's own)."""

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ..protocol.schema import FederationConfig
 
 __all__ = ["collect_status", "render_status", "short_reason", "pick_metrics", "federation_summary", "METRIC_NAMES",
-           "SILENT_AFTER_S", "age_s", "aggregator_liveness", "is_silent", "rule_label"]
+           "SILENT_AFTER_S", "age_s", "aggregator_liveness", "is_silent", "rule_label", "dice_by_target",
+           "format_targets"]
 
 #: The metrics ``fedfs status`` shows, and the names sites may report them under.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
@@ -77,6 +78,18 @@ def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
     return out
 
 
+def dice_by_target(metrics: dict[str, float] | None) -> dict[str, float]:
+    """nnU-Net's pseudo-Dice per label or region, by dataset.json's names (a site reports them as
+    ``dice_<name>``, :func:`fedfs.nnunet.inference.named_dice`), in the site's order."""
+    return {k[len("dice_"):]: float(v) for k, v in (metrics or {}).items()
+            if k.startswith("dice_") and len(k) > 5 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def format_targets(by_target: dict[str, float], fmt: str = "{:.3f}") -> str:
+    """``"whole 0.912, core 0.640"``; empty for one target or none (the mean says it all)."""
+    return ", ".join(f"{name} {fmt.format(v)}" for name, v in by_target.items()) if len(by_target) > 1 else ""
+
+
 def is_silent(phase: str | None, age_s: float | None, final: bool) -> bool:
     """True for a party whose last heartbeat is older than :data:`SILENT_AFTER_S` while it still has
     work to do (not "done", and for the aggregator: the federation not final)."""
@@ -114,10 +127,11 @@ def _waiting_on_aggregator(sites: dict[str, Any]) -> list[str]:
 
 
 def _latest_version(r: VerifiedReader) -> int | None:
-    from ..protocol.schema import LatestHint
+    from ..protocol.schema import GlobalManifest, LatestHint
 
     hint = r.read(layout.LATEST, LatestHint)
-    return layout.newest_version(hint.doc.version if hint is not None else None, r.exists)
+    return layout.newest_version(hint.doc.version if hint is not None else None,
+                                 lambda key: r.read(key, GlobalManifest) is not None)
 
 
 def _latest_update(r: VerifiedReader, site: str, cursor: int) -> Any:
@@ -126,10 +140,10 @@ def _latest_update(r: VerifiedReader, site: str, cursor: int) -> Any:
 
     newest = None
     for n in range(cursor, cursor + _PROBE_AHEAD):
-        key = layout.site_update(site, n)
-        if not r.exists(key):
+        found = r.read(layout.site_update(site, n), UpdateManifest)
+        if found is None:
             break
-        newest = r.read(key, UpdateManifest) or newest
+        newest = found
     if newest is not None:
         return newest
     for n in range(cursor - 1, max(-1, cursor - 1 - _PROBE_BACK), -1):
@@ -203,6 +217,7 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
                 "aggregated": update.doc.round < next_rounds.get(site, 0)},
             "updates_sent": (update.doc.round + 1) if update is not None else 0,
             "metrics": pick_metrics(metrics_src),
+            "pseudo_dice_by_target": dice_by_target(metrics_src),
             "all_metrics": dict(metrics_src),
             "plans": None if plans is None else {"identifier": plans.doc.plans_identifier,
                                                  "digest": plans.doc.digest},
@@ -335,9 +350,11 @@ def render_status(d: dict[str, Any]) -> Any:
             rej = f"({len(s['rejected'])} in all) " + rej
         beat = Text(human_age(s["heartbeat_age_s"]) + (" SILENT" if s.get("silent") else ""),
                     style="bold red" if s.get("silent") else "")
+        targets = format_targets(s.get("pseudo_dice_by_target") or {})  # regions or several labels, by name
         t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")), beat,
                   "-" if s["trained_from"] is None else f"v{s['trained_from']}",
-                  _num(s["staleness"], "{}"), _num(m["train_loss"]), _num(m["pseudo_dice"], "{:.3f}"),
+                  _num(s["staleness"], "{}"), _num(m["train_loss"]),
+                  _num(m["pseudo_dice"], "{:.3f}") + (f"\n{targets}" if targets else ""),
                   _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"))
     parts.append(t)
     parts.extend(_liveness_lines(d))

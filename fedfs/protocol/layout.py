@@ -26,8 +26,9 @@ MAX_KEY = 512
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.=-]+$")
-_VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
-_ROUND_RE = re.compile(r"^r(\d{6,})\.json$")
+_VERSION_RE = re.compile(r"^v(\d{6,})(?:\.a[1-9]\d*)?\.json$")
+_ROUND_RE = re.compile(r"^r(\d{6,})(?:\.a[1-9]\d*)?\.json$")
+_SLOT_RE = re.compile(r"^(.*?)(?:\.a([1-9]\d*))?\.json$")
 _BLOB_RE = re.compile(r"^((?:sites/[^/]+)|aggregator)/blobs/([0-9a-f]{64})\.([A-Za-z0-9]{1,16})$")
 
 # Names a party may not take because they collide with layout folders or roles.
@@ -198,6 +199,51 @@ def parse_blob_key(key: str) -> tuple[str, str, str] | None:
     The one rule for payload keys: under its writer's prefix, named by its sha256."""
     m = _BLOB_RE.match(key) if isinstance(key, str) else None
     return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+# ---- slots: write-once keys nobody can squat ------------------------------------
+#: The write-once documents a party must be able to publish whatever lies in the bucket:
+#: a site's plans and updates, the aggregator's globals. Each key is a *slot*: the key
+#: itself, then numbered alternatives beside it (``r000003.json``, ``r000003.a1.json``,
+#: ``r000003.a2.json``, ...). Its value is the first candidate that verifies; readers stop
+#: at the first missing one, and a writer whose exclusive publish meets a file that does
+#: not verify moves to the next. Round and version numbers never change, so junk at a
+#: predictable key costs a rejection (and one probe per poll), never a party.
+MAX_ALTERNATIVES = 10_000
+
+
+def is_slot(key: str) -> bool:
+    """Whether ``key`` (a primary key or an alternative) belongs to a squat-proof slot."""
+    if parse_update_key(key) is not None or parse_version_key(key) is not None:
+        return True
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == SITES and _SLOT_RE.match(parts[2]) is not None \
+        and _SLOT_RE.match(parts[2]).group(1) == "plans"
+
+
+def slot_primary(key: str) -> str:
+    """``.../r000003.a2.json`` -> ``.../r000003.json`` (any other key unchanged)."""
+    head, _, name = key.rpartition("/")
+    m = _SLOT_RE.match(name)
+    if not m or m.group(2) is None:
+        return key
+    return f"{head}/{m.group(1)}.json" if head else f"{m.group(1)}.json"
+
+
+def slot_candidate(key: str, n: int) -> str:
+    """The ``n``-th candidate of ``key``'s slot: the primary key for 0, else ``<stem>.a<n>.json``."""
+    primary = slot_primary(key)
+    if n == 0:
+        return primary
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_ALTERNATIVES:
+        raise InvalidName(f"slot alternative must be 1..{MAX_ALTERNATIVES}, got {n!r}")
+    return f"{primary[:-len('.json')]}.a{n}.json"
+
+
+def slot_index(key: str) -> int:
+    """Which candidate of its slot ``key`` is (0 for the primary key)."""
+    m = _SLOT_RE.match(key.rpartition("/")[2])
+    return int(m.group(2)) if m and m.group(2) else 0
 
 
 def newest_version(hint: int | None, exists: Callable[[str], bool]) -> int | None:

@@ -53,7 +53,8 @@ class Aggregator:
         self.bucket = fed.bucket
         self.work = Path(workdir)
         self.clock = clock
-        self.quarantine = Quarantine(self.bucket, layout.AGG_STATUS, self.identity, logger=log)
+        self.quarantine = Quarantine(self.bucket, layout.AGG_STATUS, self.identity, logger=log,
+                                     journal=self.work / "rejections.jsonl")
         self.inputs = VerifiedInputs(fed, self.work / "cache", self.quarantine)
         self.retention = AggregatorRetention(self.config, self.fed.store, self.work / "cache", self.work)
         self.setup = SetupPhase(fed, self.identity, self.inputs, self.quarantine, self._commit)
@@ -94,7 +95,7 @@ class Aggregator:
         age = max(0.0, self.clock() - parse_stamp(current.signed_at, current.key))
         decision = decide_aggregation(c, version, pending, cursor, age, self.inputs.rejected_sites(version))
         if any(p.base_version > version for p, _ in decision.rejected) \
-                and self.fed.store.exists(layout.global_version(version + 1)):
+                and self.bucket.published(layout.global_version(version + 1), GlobalManifest) is not None:
             # an update from a newer global than ours: our view is behind (another aggregator
             # published v(version+1) meanwhile), not the site wrong. Rejecting would be for good.
             return StepResult(Action.WAIT, f"v{version + 1} was published meanwhile: catching up", version=version)

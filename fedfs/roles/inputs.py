@@ -46,6 +46,7 @@ class VerifiedInputs:
         self.quarantine = quarantine
         self._manifests: dict[int, Signed[GlobalManifest]] = {}
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._dtypes: dict[str, dict[str, str]] = {}  # site -> tensor -> declared dtype (its initial weights)
         self._plans: dict[str, PlansDocument] = {}
         self._cases: dict[str, int | None] = {}
         self._rejected_bases: dict[str, tuple[str, int]] = {}  # rejected update key -> (site, base version)
@@ -76,7 +77,9 @@ class VerifiedInputs:
 
             plans = plans or self.plans_of(site)
             path = self.fetch(plans.init_blob)
-            self._shapes[site] = dict(validate_update(path).shapes())
+            info = validate_update(path)
+            self._shapes[site] = dict(info.shapes())
+            self._dtypes[site] = {k: t.dtype for k, t in info.tensors.items()}
         return self._shapes[site]
 
     def declared_cases(self, site: str) -> int | None:
@@ -162,18 +165,13 @@ class VerifiedInputs:
         for site in self.config.site_names:
             r = next_rounds.get(site, 0)
             while True:
-                key = layout.site_update(site, r)
-                if key in self.quarantine:
-                    if key not in self._rejected_bases:  # rejected before a restart: which version it answered
-                        self._rejected_bases[key] = (site, self._base_of(key))
-                    r += 1
-                    continue
-                try:
-                    signed = self.bucket.read(key, UpdateManifest)
+                try:  # the slot's value: junk at the key is recorded and skipped, the round stays r
+                    signed = self.bucket.read(layout.site_update(site, r), UpdateManifest)
                 except NotFound:
                     break
-                except ValidationError as exc:
-                    self.quarantine.reject(key, str(exc))
+                key = signed.key
+                if key in self.quarantine:  # a valid manifest whose update was refused (before a restart, say)
+                    self._rejected_bases.setdefault(key, (site, signed.doc.base_version))
                     r += 1
                     continue
                 found.append((site, r, key, signed))
@@ -195,13 +193,6 @@ class VerifiedInputs:
             pending.append(Pending(site, r, signed.doc.base_version, key))
             local[key] = (signed.doc, self._verified[key][1])
         return pending, cursor, local
-
-    def _base_of(self, key: str) -> int:
-        """The base version a rejected update names (-1 if its manifest itself was refused)."""
-        try:
-            return self.bucket.read(key, UpdateManifest).doc.base_version
-        except (NotFound, ValidationError):
-            return -1
 
     def _verify_all(self, todo: list[tuple[str, str, Any]]) -> dict[str, str | ValidationError]:
         """Verify updates (concurrently when there are several): key -> local path, or the
@@ -241,14 +232,30 @@ class VerifiedInputs:
             raise ValidationError(f"payload of {upd.blob.size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
         if not upd.blob.key.startswith(layout.site_prefix(site)):
             raise ValidationError(f"payload {upd.blob.key} lies outside site {site}'s folder")
+        try:  # the payload must lie in the signer's folder now: a cached copy of another's is no shortcut
+            present = self.fed.store.size(upd.blob.key)
+        except NotFound:
+            present = None
+        if present is None:
+            raise ValidationError(f"payload {upd.blob.key} is not in site {site}'s folder")
+        if present != upd.blob.size:
+            raise ValidationError(f"payload {upd.blob.key} is {present} bytes in site {site}'s folder, "
+                                  f"but the manifest says {upd.blob.size}")
         declared = self.declared_cases(site)
         if declared is not None and upd.num_cases != declared:
             raise ValidationError(f"update claims {upd.num_cases} training cases; site {site} declared {declared}")
         path = self.fetch(upd.blob)
         try:
-            validate_update(path, expected=self.site_shapes(site))
+            info = validate_update(path, expected=self.site_shapes(site))
         except ValidationError as exc:  # name the bucket file, not this machine's cache path
             raise type(exc)(str(exc).replace(path, self.fed.store.describe(upd.blob.key))) from None
+        declared_dtypes = self._dtypes.get(site, {})
+        wrong = sorted(k for k, t in info.tensors.items() if k in declared_dtypes and t.dtype != declared_dtypes[k])
+        if wrong:  # dtypes are part of the declared architecture (a wider one could overflow the global)
+            k = wrong[0]
+            raise ValidationError(f"{self.fed.store.describe(upd.blob.key)}: tensor {k!r} is {info.tensors[k].dtype}, "
+                                  f"the site's declared architecture says {declared_dtypes[k]}"
+                                  + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
         limit = self.config.update_norm_limit
         if limit > 0:
             try:

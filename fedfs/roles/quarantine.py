@@ -6,11 +6,21 @@ is a hint (``sites/<S>/status.json``, ``aggregator/status.json``), rewritten who
 :meth:`Quarantine.flush` when it changed; writing it is best effort, the refusal itself
 stands. Both roles use this one type: the aggregator also reads it back after a restart,
 so an update it rejected before is not downloaded and judged again.
+
+The status document is overwritable and keeps the newest :data:`MAX_RECORDS`, so it is not
+the party's memory. That is ``rejections.jsonl`` in the party's workdir: one line per
+rejection (or resolution), appended and flushed as it happens, read back at start (a torn
+last line is skipped). It also remembers which slot candidates were junk (files that did
+not verify where a write-once manifest belongs), which the party's bucket then skips without
+a request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 from ..errors import FedfsError
 from ..protocol.schema import Rejection, StatusDocument
@@ -31,21 +41,71 @@ class Quarantine:
     (the role's own) says each new one."""
 
     def __init__(self, bucket: Bucket, status_key: str, identity: Identity, *,
-                 logger: logging.Logger = log) -> None:
+                 logger: logging.Logger = log, journal: str | os.PathLike[str] | None = None) -> None:
         self.bucket = bucket
         self.status_key = status_key
         self.identity = identity
         self.log = logger
+        self.journal = Path(journal) if journal is not None else None
         self._records: dict[str, Rejection] = self._load()
         self._dirty = False
+        for key, reason in self._replay():
+            if key not in bucket.junk:
+                bucket.junk[key] = reason
+        bucket.on_junk = self._junk
 
     def _load(self) -> dict[str, Rejection]:
-        """The records of an earlier run (none if the document is missing or does not verify)."""
+        """The records of an earlier run: the status document's, then the local journal's."""
+        records: dict[str, Rejection] = {}
         try:
-            doc = self.bucket.read(self.status_key, StatusDocument).doc
+            records = {r.key: r for r in self.bucket.read(self.status_key, StatusDocument).doc.rejected}
         except FedfsError:
-            return {}
-        return {r.key: r for r in doc.rejected}
+            pass
+        self._junk_keys: dict[str, str] = {}
+        for entry in self._journal_lines():
+            key = entry["key"]
+            if entry.get("resolved"):
+                records.pop(key, None)
+                continue
+            records[key] = Rejection(key=key, reason=str(entry.get("reason", "")), at=str(entry.get("at", "")),
+                                     sites=[str(s) for s in entry.get("sites", []) if isinstance(s, str)])
+            if entry.get("junk"):
+                self._junk_keys[key] = records[key].reason
+        return records
+
+    def _journal_lines(self) -> list[dict]:
+        if self.journal is None or not self.journal.exists():
+            return []
+        out = []
+        with open(self.journal, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line torn by a crash, or damaged: the others stand
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                    out.append(entry)
+        return out
+
+    def _replay(self) -> list[tuple[str, str]]:
+        return list(self._junk_keys.items())
+
+    def _append(self, entry: dict) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # the refusal stands; only the memory of it is lost
+            self.log.warning("rejection not journalled in %s: %s", self.journal, exc)
+
+    def _junk(self, key: str, reason: str) -> None:
+        """The bucket found junk where a write-once manifest belongs: record it, remember it is junk."""
+        if self.reject(key, f"not a valid document, skipped: {reason}", _junk=True):
+            self.flush()
 
     def __contains__(self, key: str) -> bool:
         return key in self._records
@@ -55,13 +115,15 @@ class Quarantine:
         record = self._records.get(key)
         return None if record is None else record.reason
 
-    def reject(self, key: str, reason: str, sites: tuple[str, ...] | list[str] = ()) -> bool:
+    def reject(self, key: str, reason: str, sites: tuple[str, ...] | list[str] = (), *, _junk: bool = False) -> bool:
         """Record that ``key`` is refused for ``reason`` (``sites``: whose files cause it, so their
         steps report "blocked" too); False if exactly that is recorded already."""
         if self.reason(key) == reason:
             return False
         self.log.warning("rejected %s: %s", key, reason)
-        self._records[key] = Rejection(key=key, reason=reason, at=utcnow(), sites=sorted(sites))
+        record = Rejection(key=key, reason=reason, at=utcnow(), sites=sorted(sites))
+        self._records[key] = record
+        self._append({"key": key, "reason": reason, "at": record.at, "sites": record.sites, "junk": _junk})
         self._dirty = True
         return True
 
@@ -70,6 +132,7 @@ class Quarantine:
         gone = [k for k in self._records if k.startswith(prefix)]
         for k in gone:
             del self._records[k]
+            self._append({"key": k, "resolved": True})
         self._dirty = self._dirty or bool(gone)
 
     def records(self) -> list[Rejection]:

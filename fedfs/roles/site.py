@@ -131,7 +131,8 @@ class Site:
         self.state_path = self.dir / "state.json"
         self.state = SiteState.load(self.state_path)
         self._started = False
-        self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log)
+        self.quarantine = Quarantine(self.bucket, layout.site_status(self.name), self.identity, logger=log,
+                                     journal=self.dir / "rejections.jsonl")
         self.setup = SiteSetup(self)
         self.retention = SiteRetention(self.config, self.bucket, self.name, self.dir)
         self.liveness = HeartbeatWriter(self.bucket, layout.site_heartbeat(self.name), self.identity)

@@ -7,6 +7,11 @@ manifests, and check size limit, envelope, signature, the signer's role for the
 key's location, and the schema, in that order, before the body is used; payloads
 are verified against the manifest's sha256 before they are parsed.
 
+Write-once manifests (plans, updates, globals) are *slots* (``layout.is_slot``): a read
+returns the first candidate that verifies, a file that does not verify is recorded as junk
+(``Bucket.junk``, reported through ``on_junk``) and skipped, and a publish that meets junk
+moves to the next alternative. So nothing at a predictable key can block a party.
+
 A publish that reports "exists" is resolved by reading the existing document
 back: the same writer token (our own earlier attempt) or the same signer and
 body (a deterministic step re-run after a crash) is success; anything else is a
@@ -21,7 +26,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -90,12 +95,26 @@ def _probable_cause(existing: dict[str, Any], mine: dict[str, Any]) -> str:
             "or this party's local state was reset and it now computes something else")
 
 
+class _Junk(Conflict):
+    """A publish met a file that does not verify (a slot moves on; any other key reports a Conflict)."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
 class Bucket:
     """Signed documents and blobs in one store, verified against one federation config."""
 
     def __init__(self, store: Store, config: FederationConfig | None = None) -> None:
         self.store = store
         self.config = config
+        #: Slot candidates found not to verify: key -> reason. A party seeds it from its durable
+        #: rejection memory at start, so known junk costs no request.
+        self.junk: dict[str, str] = {}
+        #: Called as ``on_junk(key, reason)`` the first time a slot candidate is found not to verify.
+        self.on_junk: Callable[[str, str], None] | None = None
+        self._slots: dict[str, Signed[Any]] = {}  # verified slot values (write-once: safe to keep)
 
     # ---- reading --------------------------------------------------------------
     def read_raw_envelope(self, key: str, *, max_size: int = MAX_DOCUMENT_BYTES) -> dict[str, Any]:
@@ -106,9 +125,62 @@ class Bucket:
 
     def read(self, key: str, cls: type[D], *, max_size: int = MAX_DOCUMENT_BYTES) -> Signed[D]:
         """Read, verify and parse the document at ``key``; raise a ValidationError saying why not
-        (its ``key`` names the file, so a caller can quarantine it without parsing the message)."""
+        (its ``key`` names the file, so a caller can quarantine it without parsing the message).
+
+        For a slot key, the slot's value: the first candidate that verifies (its ``Signed.key``
+        says which); NotFound if none does yet. Junk on the way is recorded, never raised."""
+        if layout.is_slot(key):
+            return self._read_slot(key, cls, max_size)
         with _naming(key):
             return self._read(key, cls, max_size)
+
+    def read_exact(self, key: str, cls: type[D], *, max_size: int = MAX_DOCUMENT_BYTES) -> Signed[D]:
+        """Read and verify exactly the file at ``key``, a slot candidate or not (no slot resolution)."""
+        with _naming(key):
+            return self._read(key, cls, max_size)
+
+    def _read_slot(self, key: str, cls: type[D], max_size: int) -> Signed[D]:
+        primary = layout.slot_primary(key)
+        cached = self._slots.get(primary)
+        if cached is not None and isinstance(cached.doc, cls):
+            return cached
+        for n in range(layout.MAX_ALTERNATIVES + 1):
+            cand = layout.slot_candidate(primary, n)
+            if cand in self.junk:
+                continue
+            try:
+                with _naming(cand):
+                    signed = self._read(cand, cls, max_size)
+            except NotFound:
+                raise NotFound(f"{self.store.describe(primary)}: not published yet", key=primary) from None
+            except ValidationError as exc:
+                self.record_junk(cand, str(exc))
+                continue
+            self._remember_slot(primary, signed)
+            return signed
+        raise NotFound(f"{self.store.describe(primary)}: every one of {layout.MAX_ALTERNATIVES} alternatives is junk",
+                       key=primary)
+
+    def _remember_slot(self, primary: str, signed: Signed[Any]) -> None:
+        if len(self._slots) >= 256:
+            self._slots.pop(next(iter(self._slots)))
+        self._slots[primary] = signed
+
+    def record_junk(self, key: str, reason: str) -> None:
+        """Remember that ``key`` (a slot candidate) does not verify, and report it once."""
+        if key in self.junk:
+            return
+        self.junk[key] = reason
+        log.warning("skipping %s: %s", self.store.describe(key), reason)
+        if self.on_junk is not None:
+            self.on_junk(key, reason)
+
+    def published(self, key: str, cls: type[D]) -> Signed[D] | None:
+        """The verified value of slot ``key``, or None while no candidate verifies."""
+        try:
+            return self.read(key, cls)
+        except NotFound:
+            return None
 
     def _read(self, key: str, cls: type[D], max_size: int) -> Signed[D]:
         where = self.store.describe(key)
@@ -174,7 +246,7 @@ class Bucket:
     def latest_version(self) -> int | None:
         """The newest published global version: the ``latest`` hint, then probes forward (the hint
         may lag a crash); one read and one probe when it is current. None before v0."""
-        from ..protocol.schema import LatestHint
+        from ..protocol.schema import GlobalManifest, LatestHint
 
         hint = None
         try:
@@ -183,7 +255,9 @@ class Bucket:
             pass
         except ValidationError as exc:  # a bad hint is only a hint: fall back to probing
             log.warning("ignoring %s: %s", layout.LATEST, exc)
-        return layout.newest_version(hint, self.store.exists)
+        if hint is not None and (hint < 0 or self.published(layout.global_version(hint), GlobalManifest) is None):
+            hint = None  # a hint ahead of the verified globals (or junk) is no hint: probe from v0
+        return layout.newest_version(hint, lambda key: self.published(key, GlobalManifest) is not None)
 
     # ---- writing --------------------------------------------------------------
     def publish(self, key: str, doc: Document, identity: Identity) -> Signed[Any]:
@@ -191,6 +265,24 @@ class Bucket:
         self.check_may_write(key, identity)
         env = identity.sign(doc.to_dict())
         data = canonical_json(env)
+        if not layout.is_slot(key):
+            return self._publish_at(key, doc, env, data)
+        primary = layout.slot_primary(key)
+        for n in range(layout.MAX_ALTERNATIVES + 1):
+            cand = layout.slot_candidate(primary, n)
+            if cand in self.junk:
+                continue
+            try:
+                signed = self._publish_at(cand, doc, env, data)
+            except _Junk as exc:
+                self.record_junk(cand, exc.reason)
+                continue
+            self._remember_slot(primary, signed)
+            return signed
+        raise Conflict(f"{self.store.describe(primary)}: every one of {layout.MAX_ALTERNATIVES} alternatives "
+                       "is occupied by junk; clean the folder (docs/security.md)", key=primary)
+
+    def _publish_at(self, key: str, doc: Document, env: dict[str, Any], data: bytes) -> Signed[Any]:
         where = self.store.describe(key)
         last_exc: Exception | None = None
         for attempt in range(PUBLISH_ATTEMPTS):
@@ -213,7 +305,7 @@ class Bucket:
             if self.config is not None:  # a forged envelope is neither ours nor another machine's
                 self._check_signer(key, existing, where)
         except (SchemaError, SignatureError) as exc:
-            raise Conflict(f"{where}: already exists and is not a valid document ({exc})", key=key) from None
+            raise _Junk(f"{where}: already exists and is not a valid document ({exc})", key=key) from None
         same_token = existing.get("writer_token") == env["writer_token"]
         same_content = existing.get("signer") == env["signer"] and existing.get("body") == env["body"]
         if same_token or same_content:
