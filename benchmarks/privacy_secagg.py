@@ -201,14 +201,13 @@ def measure(n: int, quick: bool, drops: tuple[tuple[str, ...], ...] = (), repeat
         weights = {s: 5 + 3 * i for i, s in enumerate(names)}
         store = CountingStore(fed.store)
         plains, secures = [], []
-        for r in range(repeats):  # the minimum of a few repeats: the machine is shared
+        for r in range(repeats):  # interleaved repeats, the minimum of each: the machine is shared
             store.requests.clear()
             store.written.clear()
             first = sorted(base)[0]  # a fresh payload each repeat (content-addressed blobs are written once)
             fresh = {s: {**u, first: u[first] + np.float32(r * 1e-6)} for s, u in updates.items()}
             plains.append(plain_round(fed, ids, base, fresh, weights, root, store, rnd=r))
             plain_req, plain_bytes = dict(store.requests), store.written[names[0]]
-        for r in range(repeats):
             store.requests.clear()
             secures.append(secure_round(fed, ids, base, updates, weights, root, store, f"t{r:06d}"))
         plain = {k: min(p[k] for p in plains) for k in ("site_s", "agg_s")}

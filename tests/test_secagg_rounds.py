@@ -218,3 +218,53 @@ def test_a_masked_payload_is_read_strictly():
         decode_masked(forged({"a": {"dtype": "U64", "shape": [10 ** 9], "data_offsets": [0, 8]}}, bytes(8)), "m")
     with pytest.raises(ValidationError, match="header length"):
         decode_masked(b"\xff" * 16, "m")
+
+
+class NoPeerReads:
+    """The store as a site sees it under least-privilege permissions: other sites' folders unreadable."""
+
+    def __init__(self, store, site):
+        self._store, self.site = store, site
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def read_bytes(self, key, **kw):
+        if key.startswith("sites/") and not key.startswith(f"sites/{self.site}/") and "/masked.json" in key:
+            from fedfs.errors import StoreUnavailable
+
+            raise StoreUnavailable(f"{key}: access denied")
+        return self._store.read_bytes(key, **kw)
+
+
+def test_over_the_bucket_a_roster_saying_a_live_site_dropped_is_refused(federation, tmp_path):
+    from fedfs.privacy.secagg_documents import SecAggRoster, SecAggUnmask, digest
+
+    names = ["A", "B", "C", "D"]
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names, seed=8)
+    inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
+    sites, agg = parties(fed, ids, tmp_path, names, "v000009")
+    for i in range(3):  # keys, shares, masked: everyone masks; the aggregator closes keys and shares
+        for s in names:
+            while sites[s].step(inputs[s]) not in ("waiting",):
+                pass
+        if i < 2:
+            agg.step()
+    assert all(fed.store.exists(site_stage_key(s, "v000009", "masked")) for s in names)
+    r_shares = fed.bucket.read(roster_key("v000009", "shares"), SecAggRoster).doc
+    lie = SecAggRoster(session="v000009", stage="masked", sites=["A", "C", "D"], dropped=["B"],
+                       previous=digest(r_shares))
+    fed.bucket.publish(roster_key("v000009", "masked"), lie, ids["agg"])
+    with pytest.raises(ValidationError, match="says B dropped, but B published its masked input"):
+        sites["B"].step(inputs["B"])
+    with pytest.raises(ValidationError, match=r"claims \['B'\] dropped, but their masked inputs are in the bucket"):
+        sites["C"].step(inputs["C"])
+    assert not fed.store.exists(site_stage_key("B", "v000009", "unmask"))
+    assert not fed.store.exists(site_stage_key("C", "v000009", "unmask"))
+    # a site that may not read other sites' folders cannot tell, and reveals B's mask-key share only
+    blind = SecureSite(Bucket(NoPeerReads(fed.store, "A"), fed.config), ids["A"], tmp_path / "w-A",
+                       session_params(fed.config, "v000009"))
+    assert blind.step(inputs["A"]) == "unmasked"
+    doc = fed.bucket.read(site_stage_key("A", "v000009", "unmask"), SecAggUnmask).doc
+    assert "B" in doc.key_shares and "B" not in doc.self_shares

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Conflict, FedfsError, ValidationError
+from ..errors import Conflict, FedfsError, StoreError, ValidationError
 from ..protocol import layout as proto_layout
 from ..protocol.documents import Document
 from ..protocol.schema import FederationConfig
@@ -242,7 +242,10 @@ class SecureSite(_Party):
         received = secagg.receive_shares(self.params, sec, keys, shares)
 
         def masked_exists(site: str) -> bool:
-            doc = self._read(site_stage_key(site, self.params.session, "masked"), SecAggMasked)
+            try:  # sites need not read each other's folders (docs/operations.md): then it cannot tell
+                doc = self._read(site_stage_key(site, self.params.session, "masked"), SecAggMasked)
+            except StoreError:
+                return False
             return doc is not None and doc.roster == digest(r_shares)
 
         doc = secagg.unmask_shares(self.params, sec, r_shares, r_masked, received, answered, masked_exists)
