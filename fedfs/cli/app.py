@@ -106,6 +106,9 @@ def keygen(name: str, role: str, out_dir: str) -> None:
 @click.option("--weighting", type=weighting_choice, default="cases", show_default=True)
 @click.option("--update-norm-limit", type=float, default=0.0, show_default=True,
               help="Reject updates with ||update - base|| > LIMIT x ||base|| (0 = off; see docs/security.md).")
+@click.option("--max-cases", type=int, default=100_000, show_default=True,
+              help="Bounded influence: a site claiming more training cases than this is refused (0 = no bound; "
+                   "`fedfs status` shows each site's weight share before training).")
 @click.option("--keep-globals", type=int, default=3, show_default=True,
               help="Retention: keep the weights of the last K globals (and the final one) and remove older "
                    "globals' and folded updates' payloads; manifests stay (0 = keep everything; see "
