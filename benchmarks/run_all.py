@@ -59,6 +59,9 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("quality", "quality.py", ("--json",),
      "Dice and HD95 of local, centralized, FFE, AsymFedAvg and async FedBuff nnU-Net on a synthetic "
      "multi-site task with an external test site"),
+    ("fuzz", "fuzz.py", ("--json", "--quick"),
+     "hostile inputs to every decoder of bucket bytes (documents, hints, headers, manifests): unhandled "
+     "exceptions, time and peak memory per input"),
 )
 
 
