@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,15 @@ def run_decoder(name: str, inputs: int, seed: int, memory_every: int) -> dict[st
             "wall_s": round(time.monotonic() - t0, 1), "first_escapes": escapes[:5]}
 
 
+def _done(r: dict[str, Any], rows_file: str | None) -> dict[str, Any]:
+    print(f"  {r['decoder']}: {r['inputs']} inputs, {r['unhandled']} unhandled, max {r['max_ms']} ms, "
+          f"p99 {r['p99_ms']} ms, peak {r['peak_kib_max']} KiB, {r['wall_s']} s", file=sys.stderr, flush=True)
+    if rows_file:
+        with open(rows_file, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+    return r
+
+
 def replay(spec: str, seed: int) -> int:
     from fedfs.testing import fuzz
 
@@ -110,6 +119,8 @@ def main() -> int:
     ap.add_argument("--memory-every", type=int, default=10,
                     help="trace memory for every K-th input and every input over 16 KiB (0: never; 1: all)")
     ap.add_argument("--replay", metavar="DECODER:I", help="run one input and show it")
+    ap.add_argument("--rows-file", help="append each decoder's row here as a JSON line when it finishes "
+                                        "(a long run killed early keeps what it finished)")
     args = ap.parse_args()
     if args.replay:
         return replay(args.replay, args.seed)
@@ -121,15 +132,14 @@ def main() -> int:
     print(f"fuzz: {len(names)} decoders x {inputs} inputs, {args.jobs} job(s)", file=sys.stderr, flush=True)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(run_decoder, names, [inputs] * len(names), [args.seed] * len(names),
-                                 [args.memory_every] * len(names)))
+            futures = [pool.submit(run_decoder, n, inputs, args.seed, args.memory_every) for n in names]
+            for fut in as_completed(futures):
+                _done(fut.result(), args.rows_file)
+            rows = sorted((f.result() for f in futures), key=lambda r: r["decoder"])
     else:
         rows = []
         for name in names:
-            rows.append(run_decoder(name, inputs, args.seed, args.memory_every))
-            r = rows[-1]
-            print(f"  {name}: {r['inputs']} inputs, {r['unhandled']} unhandled, max {r['max_ms']} ms, "
-                  f"peak {r['peak_kib_max']} KiB, {r['wall_s']} s", file=sys.stderr, flush=True)
+            rows.append(_done(run_decoder(name, inputs, args.seed, args.memory_every), args.rows_file))
     unhandled = sum(r["unhandled"] for r in rows)
     fewest = min(r["inputs"] for r in rows)
     worst_max = max(r["max_ms"] for r in rows) / 1e3
