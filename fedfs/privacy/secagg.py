@@ -189,7 +189,12 @@ def receive_shares(params: SessionParams, secrets: SiteSecrets, keys: Mapping[st
             raise ValidationError(f"{where}: {j} is no neighbour or sent this site no share")
         key = masks.share_key(secrets.enc_private, masks.unb64(keys[j].enc_key, where, 32), params.session, j, me)
         plain = masks.decrypt(key, masks.unb64(doc.ciphertexts[me], where), _aad(params.session, j, me), where)
-        msg = json.loads(plain)
+        try:
+            msg = json.loads(plain)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or not {"self", "key"} <= set(msg):
+            raise ValidationError(f"{where}: the decrypted message is not a share message")
         if (msg.get("from"), msg.get("to"), msg.get("session")) != (j, me, params.session):
             raise ValidationError(f"{where}: the message is addressed to another party or session")
         out[j] = (shamir.share_from_hex(msg["self"], where), shamir.share_from_hex(msg["key"], where))
