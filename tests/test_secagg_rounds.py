@@ -45,8 +45,8 @@ class KillingStore:
 
 @pytest.fixture
 def federation(tmp_path):
-    def make(names):
-        fed, _, _ = toy_federation(tmp_path, names, mode="fedavg")
+    def make(names, **settings):
+        fed, _, _ = toy_federation(tmp_path, names, mode="fedavg", **settings)
         ids = {n: load_identity(tmp_path / "keys" / f"{n}.key") for n in [*names, "agg"]}
         return fed, ids
     return make
@@ -87,15 +87,21 @@ def test_a_round_with_a_site_killed_after_masking_finishes(federation, tmp_path)
     assert agg.survivors == names and agg.dropped == []  # C masked, so it is summed: its seed comes from A and B
     check_mean(total, base, updates, weights, names)
     assert not fed.store.exists(site_stage_key("C", "v000001", "unmask"))
+    sites["A"].forget()  # the round is over: the secrets go, and a later step has nothing to do
+    assert not (tmp_path / "w-A" / "secagg" / "v000001").exists()
+    assert sites["A"].step(inputs["A"]) == "done"
     for s in ("A", "B"):  # every stage is a signed write-once file in the writer's own folder
         for stage in ("keys", "shares", "masked", "unmask"):
             assert fed.bucket.read_raw_envelope(site_stage_key(s, "v000001", stage))["signer"] == s
     assert fed.bucket.read_raw_envelope(roster_key("v000001", "masked"))["signer"] == "agg"
 
 
-@pytest.mark.parametrize("names,dropped", [(["A", "B", "C", "D"], ["D"]), (list("ABCDE"), ["A", "D"])])
-def test_sites_that_drop_before_masking_are_recovered(federation, tmp_path, names, dropped):
-    fed, ids = federation(names)
+@pytest.mark.parametrize("names,dropped,degree", [(["A", "B", "C", "D"], ["D"], None),
+                                                  (list("ABCDE"), ["A", "D"], None),
+                                                  (list("ABCDEFGH"), ["B", "G"], 4)])  # SecAgg+'s sparse graph
+def test_sites_that_drop_before_masking_are_recovered(federation, tmp_path, names, dropped, degree):
+    fed, ids = federation(names, options={} if degree is None else {"secagg_degree": degree})
+    assert session_params(fed.config, "v000002").degree == (degree or len(names) - 1)
     base, updates, weights = model_round(names, seed=1)
     inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
     sites, agg = parties(fed, ids, tmp_path, names, "v000002")

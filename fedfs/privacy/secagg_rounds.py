@@ -192,6 +192,8 @@ class SecureSite(_Party):
         """Do the next due stage. ``inputs``: this site's input (or a callable giving it), needed
         when the masked stage is due; the same input on every re-run."""
         exists = self.bucket.store.exists
+        if exists(self._key("unmask")):
+            return "done"  # nothing left to do, and the secrets may already be forgotten
         sec = self.secrets()
         if not exists(self._key("keys")):
             self._publish("keys", secagg.advertise(sec))
@@ -229,9 +231,7 @@ class SecureSite(_Party):
         r_masked = self._roster("masked")
         if r_masked is None:
             return "waiting"
-        if not exists(self._key("unmask")):
-            return self._unmask(sec, r_shares, r_masked)
-        return "done"
+        return self._unmask(sec, r_shares, r_masked)
 
     def _unmask(self, sec: secagg.SiteSecrets, r_shares: SecAggRoster, r_masked: SecAggRoster) -> str:
         answered_path = self.dir / "answered.json"
@@ -252,6 +252,13 @@ class SecureSite(_Party):
         _write_private(answered_path, json.dumps({"roster": doc.roster}).encode())
         self._publish("unmask", doc)
         return "unmasked"
+
+    def forget(self) -> None:
+        """Delete the session's secrets (call once the round's global is out): a later theft of
+        the workdir then reveals nothing about this session's masks."""
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class SecureAggregator(_Party):
