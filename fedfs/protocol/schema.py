@@ -105,6 +105,7 @@ class FederationConfig(Document):
     align: str = "resolution"
     seed: int = 12345
     update_norm_limit: float = 0.0  # reject ||update - base|| > limit * ||base||; 0 = off
+    max_cases: int = 100_000  # bounded influence: a site claiming more training cases is refused; 0 = no bound
     keep_globals: int = 0  # retention: keep the payloads of the last K globals (protocol/retention.py); 0 = all
     rule: str = "fedavg"  # RULES: fedavg (the mode's weighted mean), or a robust median / trimmed mean (sync only)
     trim_fraction: float = 0.1  # trimmed_mean: the fraction of updates dropped at each end, per coordinate
@@ -133,6 +134,7 @@ class FederationConfig(Document):
         require(self.max_staleness >= 0, where, "max_staleness must be >= 0")
         require(0 < self.eta <= 10, where, "eta must be in (0, 10]")
         require(self.update_norm_limit >= 0, where, "update_norm_limit must be >= 0")
+        require(self.max_cases >= 0, where, "max_cases must be >= 0 (0: no bound)")
         require(self.keep_globals == 0 or self.keep_globals >= MIN_KEEP_GLOBALS, where,
                 f"keep_globals must be 0 (keep every global) or at least {MIN_KEEP_GLOBALS}, got {self.keep_globals}")
         require(isinstance(self.planner, str) and bool(_CLASS_NAME_RE.fullmatch(self.planner)), where,
@@ -208,6 +210,13 @@ class FederationConfig(Document):
         require(self.weighting == "uniform", where,
                 "differential privacy needs weighting 'uniform' (--weighting uniform): the noise is calibrated for "
                 "the plain mean, which one site moves by at most C/N; case weights let a large site move it more")
+
+    def case_claim_problem(self, site: str, num_cases: int) -> str | None:
+        """Why ``site``'s claim of ``num_cases`` training cases is refused (bounded influence), or None."""
+        if self.max_cases and num_cases > self.max_cases:
+            return (f"site {site} claims {num_cases} training cases, over the federation's bound of {self.max_cases} "
+                    f"per site (federation.json max_cases; the coordinator sets it with `fedfs init --max-cases`)")
+        return None
 
     @property
     def site_names(self) -> list[str]:
