@@ -153,6 +153,32 @@ def _latest_update(r: VerifiedReader, site: str, cursor: int) -> Any:
     return None
 
 
+def _declared_cases(r: VerifiedReader, c: Any, plans: dict[str, Any]) -> dict[str, int | None]:
+    """Each site's declared training-case count: the newest merged census's (FFE), else its plans'."""
+    from ..protocol.schema import Census
+
+    cases: dict[str, int | None] = {s: None for s in c.site_names}
+    newest = layout.newest_revision(layout.census_key, None, r.exists) if c.mode == "ffe" else None
+    census = r.read(layout.census_key(newest), Census) if newest is not None else None
+    for site in c.site_names:
+        n = census.doc.sites.get(site) if census is not None else None
+        if n is None and plans.get(site) is not None:
+            n = plans[site].doc.summary.get("num_cases")
+        cases[site] = n if isinstance(n, int) and not isinstance(n, bool) else None
+    return cases
+
+
+def weight_shares(c: Any, cases: dict[str, int | None]) -> dict[str, float | None]:
+    """Each site's share of a global's weight when every site contributes (before any training:
+    what a case count buys), by the federation's weighting; None where a count is not known yet."""
+    if c.weighting != "cases":
+        return {s: 1.0 / len(cases) for s in cases}
+    if any(n is None for n in cases.values()):
+        return {s: None for s in cases}
+    total = sum(n for n in cases.values() if n is not None) or 1
+    return {s: n / total for s, n in cases.items() if n is not None}
+
+
 def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     """The federation's state as a JSON-ready dict, from a bounded number of bucket reads."""
     from ..protocol.schema import GlobalManifest, Heartbeat, PlansDocument
@@ -183,9 +209,12 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
 
     sites: dict[str, Any] = {}
     digests: dict[str, str] = {}
+    all_plans = {site: r.read(layout.site_plans(site), PlansDocument) for site in c.site_names}
+    cases = _declared_cases(r, c, all_plans)
+    shares = weight_shares(c, cases)
     for site in c.site_names:
         hb = r.read(layout.site_heartbeat(site), Heartbeat)
-        plans = r.read(layout.site_plans(site), PlansDocument)
+        plans = all_plans[site]
         own_rejected = r.rejections(layout.site_status(site), site)
         update = _latest_update(r, site, next_rounds.get(site, 0))
         if hb is not None:
@@ -222,6 +251,8 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
             "plans": None if plans is None else {"identifier": plans.doc.plans_identifier,
                                                  "digest": plans.doc.digest},
             "rejected": rejected,
+            "cases": cases[site],
+            "weight_share": shares.get(site),
         }
 
     setup = {"census": r.exists(layout.CENSUS), "global_fingerprint": r.exists(layout.GLOBAL_FINGERPRINT),
@@ -337,7 +368,8 @@ def render_status(d: dict[str, Any]) -> Any:
                                (head, "bold green" if g["final"] else "bold")))
 
     t = Table(title="Sites", title_justify="left", expand=False)
-    for col, kw in [("Site", {"style": "bold"}), ("Phase", {}), ("Heartbeat", {}), ("Trained from", {}),
+    for col, kw in [("Site", {"style": "bold"}), ("Phase", {}), ("Cases (weight)", {"justify": "right"}),
+                    ("Heartbeat", {}), ("Trained from", {}),
                     ("Staleness", {"justify": "right"}), ("Train loss", {"justify": "right"}),
                     ("Pseudo Dice", {"justify": "right"}), ("Epoch time", {"justify": "right"}),
                     ("Rejected files", {})]:
@@ -351,7 +383,10 @@ def render_status(d: dict[str, Any]) -> Any:
         beat = Text(human_age(s["heartbeat_age_s"]) + (" SILENT" if s.get("silent") else ""),
                     style="bold red" if s.get("silent") else "")
         targets = format_targets(s.get("pseudo_dice_by_target") or {})  # regions or several labels, by name
-        t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")), beat,
+        share = s.get("weight_share")
+        cases = "-" if s.get("cases") is None else str(s["cases"])
+        t.add_row(name, Text(s["phase"], style=_PHASE_STYLE.get(s["phase"], "")),
+                  cases + ("" if share is None else f" ({share:.1%})"), beat,
                   "-" if s["trained_from"] is None else f"v{s['trained_from']}",
                   _num(s["staleness"], "{}"), _num(m["train_loss"]),
                   _num(m["pseudo_dice"], "{:.3f}") + (f"\n{targets}" if targets else ""),

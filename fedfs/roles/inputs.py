@@ -242,6 +242,9 @@ class VerifiedInputs:
             raise ValidationError(f"payload {upd.blob.key} is {present} bytes in site {site}'s folder, "
                                   f"but the manifest says {upd.blob.size}")
         declared = self.declared_cases(site)
+        bound = self.config.case_claim_problem(site, upd.num_cases if declared is None else declared)
+        if bound:
+            raise ValidationError(bound)
         if declared is not None and upd.num_cases != declared:
             raise ValidationError(f"update claims {upd.num_cases} training cases; site {site} declared {declared}")
         path = self.fetch(upd.blob)

@@ -124,6 +124,11 @@ class SetupPhase:
             sites, why = mismatch
             return self._problem("census", f"{why}. Correct the wrong site's dataset, then run "
                                            f"`{REDO}` there", sites)
+        over = {s: self.config.case_claim_problem(s, d.num_cases) for s, d in censuses.items()}
+        over = {s: why for s, why in over.items() if why}
+        if over:
+            return self._problem("census", "; ".join(over[s] for s in sorted(over)) + f". Correct the count, then run "
+                                           f"`{REDO}` there", sorted(over))
         merged = merge_census({s: {"num_cases": d.num_cases, "num_channels": d.num_channels}
                                for s, d in censuses.items()})
         first = censuses[min(censuses)]

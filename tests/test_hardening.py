@@ -1,0 +1,150 @@
+"""A file costs a rejection, never a party (issue: hardening): bounded influence, dtype-bound
+architectures, payloads bound to their writer's folder, and each party's durable memory of
+what it rejected. Toy federations on a folder bucket; squatting is in tests/test_slots.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedfs import layout
+from fedfs.federation import Federation, config_from_key_dir
+from fedfs.ops.status import collect_status
+from fedfs.protocol.schema import BlobRef, GlobalManifest, UpdateManifest
+from fedfs.roles.aggregator import Aggregator
+from fedfs.roles.quarantine import MAX_RECORDS
+from fedfs.roles.site import Site
+from fedfs.testing.toy import ToyWork
+from fedfs.trust.signing import generate_keypair
+from fedfs.weights.tensors import load_weights, save_weights
+
+
+def make_fed(root, cases=(6, 3, 1), **settings):
+    keys = root / "keys"
+    generate_keypair("agg", "aggregator", keys)
+    names = ["A", "B", "C"][:len(cases)]
+    for s in names:
+        generate_keypair(s, "site", keys)
+    config, agg = config_from_key_dir(keys, names, **settings)
+    fed, _ = Federation.create(str(root / "bucket"), config, agg)
+    aggregator = Aggregator(fed.as_party(keys / "agg.key"), root / "agg")
+    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=n, seed=i + 1), root / f"site-{s}")
+             for i, (s, n) in enumerate(zip(names, cases))}
+    return fed, keys, aggregator, sites
+
+
+def step_all(aggregator, sites, times=1):
+    out = []
+    for _ in range(times):
+        out.append(aggregator.step())
+        for s in sites.values():
+            s.step()
+    return out
+
+
+def drive(aggregator, sites, max_steps=60):
+    for _ in range(max_steps):
+        if all(s.state.finished for s in sites.values()):
+            return
+        step_all(aggregator, sites)
+    raise AssertionError("the federation did not finish")
+
+
+def test_a_site_claiming_implausible_cases_is_refused_at_the_census(tmp_path):
+    # Prepare: C claims 10**12 cases (its weight share would be 0.99999999999)
+    fed, _keys, aggregator, sites = make_fed(tmp_path, cases=(6, 3, 10**12), max_cases=10_000)
+    # Execute
+    results = step_all(aggregator, sites, times=3)
+    # Assert: the aggregator publishes no census and names C and the bound; nobody crashed
+    assert not fed.store.exists(layout.CENSUS)
+    blocked = [r for r in results if r.action == "blocked"]
+    assert blocked and "site C claims 1000000000000 training cases" in blocked[-1].detail
+    assert "max_cases" in blocked[-1].detail
+
+
+def test_status_shows_each_sites_weight_share_before_training(tmp_path):
+    fed, _keys, aggregator, sites = make_fed(tmp_path)  # 6, 3 and 1 cases
+    for _ in range(6):
+        step_all(aggregator, sites)
+        if fed.store.exists(layout.CENSUS):
+            break
+    d = collect_status(fed)
+    assert {s: d["sites"][s]["cases"] for s in "ABC"} == {"A": 6, "B": 3, "C": 1}
+    assert {s: round(d["sites"][s]["weight_share"], 6) for s in "ABC"} == {"A": 0.6, "B": 0.3, "C": 0.1}
+
+
+def test_an_update_in_another_dtype_is_refused_alone(tmp_path):
+    # Prepare: C sends its weights as float64 with finite values far beyond float32's range
+    fed, _keys, aggregator, sites = make_fed(tmp_path, rounds=2)
+    real = sites["C"].work.train_round
+
+    def wider(global_path, epochs, update_path):
+        metrics = real(global_path, epochs, update_path)
+        tensors, _ = load_weights(update_path)
+        save_weights(update_path, {k: (t.double() * 1e300 if t.is_floating_point() else t) for k, t in tensors.items()})
+        return metrics
+
+    sites["C"].work.train_round = wider
+    # Execute
+    drive(aggregator, sites)
+    # Assert: C's updates are refused with the reason; the globals are finite and made of A and B
+    reason = aggregator.quarantine.reason(layout.site_update("C", 0))
+    assert reason and "F64" in reason and "declared architecture says F32" in reason
+    final = fed.bucket.read(layout.global_version(2), GlobalManifest).doc
+    assert {c.site for c in final.contributions} == {"A", "B"}
+    path = fed.bucket.get_blob_file(final.blob, str(tmp_path / "final.safetensors"))
+    assert all(torch.isfinite(t).all() for t in load_weights(path)[0].values())
+
+
+def test_a_payload_must_lie_in_the_signers_folder_even_when_cached(tmp_path):
+    # Prepare: after round 0, C signs an update naming A's r0 payload by sha256 under C's folder, never uploaded
+    fed, keys, aggregator, sites = make_fed(tmp_path, rounds=2)
+    for _ in range(8):  # until v1 is out, before any site trains from it
+        aggregator.step()
+        if fed.bucket.published(layout.global_version(1), GlobalManifest):
+            break
+        for s in sites.values():
+            s.step()
+    a0 = fed.bucket.read(layout.site_update("A", 0), UpdateManifest).doc
+    assert (aggregator.work / "cache" / f"{a0.blob.sha256}.safetensors").exists()  # the aggregator holds it
+    c = fed.as_party(keys / "C.key")
+    ghost = BlobRef(key=layout.site_blob("C", a0.blob.sha256), sha256=a0.blob.sha256, size=a0.blob.size)
+    c.bucket.publish(layout.site_update("C", 1), UpdateManifest(site="C", round=1, base_version=1, blob=ghost,
+                                                                num_cases=1), c.identity)
+    sites["C"].state.updates_sent = 2  # the real C does not send r1 itself
+    sites["C"].state.last_base = 1
+    # Execute
+    for _ in range(3):
+        step_all(aggregator, {s: sites[s] for s in "AB"})
+    # Assert
+    reason = aggregator.quarantine.reason(layout.site_update("C", 1))
+    assert reason and "is not in site C's folder" in reason
+    v2 = fed.bucket.published(layout.global_version(2), GlobalManifest)
+    assert v2 is not None and "C" not in {x.site for x in v2.doc.contributions}
+
+
+def test_rejections_survive_a_restart_beyond_the_status_documents_cap(tmp_path):
+    # Prepare: more rejections than the status document keeps, and then the status document overwritten
+    fed, keys, aggregator, _sites = make_fed(tmp_path)
+    n = MAX_RECORDS + 100
+    for i in range(n):
+        aggregator.quarantine.reject(f"sites/A/updates/r{i:06d}.json", f"reason {i}")
+    aggregator.quarantine.flush()
+    fed.store.write_bytes(layout.AGG_STATUS, b"{not json")
+    # Execute: a restart of the aggregator on the same workdir
+    again = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg")
+    # Assert: every rejection, with its reason, from the local journal
+    assert all(again.quarantine.reason(f"sites/A/updates/r{i:06d}.json") == f"reason {i}" for i in range(n))
+
+
+def test_known_junk_costs_no_read_after_a_restart(tmp_path):
+    fed, keys, aggregator, sites = make_fed(tmp_path)
+    fed.store.publish(layout.site_plans("C"), b"\x00 junk where C's plans belong")
+    drive(aggregator, sites)  # C publishes its plans beside the junk; the federation finishes
+    assert fed.bucket.read(layout.site_plans("C"), type(aggregator.inputs.plans_of("C"))).key.endswith("plans.a1.json")
+    again = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg")
+    reads = []
+    real = again.fed.store.read_bytes
+    again.fed.store.read_bytes = lambda key, **kw: (reads.append(key), real(key, **kw))[1]
+    again.inputs.plans_of("C")
+    assert layout.site_plans("C") not in reads and layout.slot_candidate(layout.site_plans("C"), 1) in reads
