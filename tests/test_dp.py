@@ -205,10 +205,14 @@ def test_the_federation_stops_before_the_budget_is_exceeded(tmp_path):
     from fedfs.protocol import layout
     from fedfs.protocol.schema import GlobalManifest
     from fedfs.roles.loop import run_loop
-    from fedfs.testing.toy import toy_federation
+    from fedfs.testing.toy import ToyWork, toy_federation
+
+    class Quick(ToyWork):
+        def __init__(self, name, **kw):
+            super().__init__(name, **{**kw, "steps": 1})
 
     z = dp.noise_multiplier_for(4.0, 1e-5, 2)
-    fed, agg, sites = toy_federation(tmp_path, "ABC", mode="fedavg", rounds=4, weighting="uniform",
+    fed, agg, sites = toy_federation(tmp_path, "ABC", work=Quick, mode="fedavg", rounds=4, weighting="uniform",
                                      dp_epsilon=4.0, dp_delta=1e-5, dp_clip=0.5, dp_noise_multiplier=z)
     for _ in range(20):
         for p in [agg, *sites.values()]:
@@ -232,3 +236,11 @@ def test_the_federation_stops_before_the_budget_is_exceeded(tmp_path):
 
     assert any("privacy spent: epsilon" in line and "of 4 " in line for line in privacy_lines(
         collect_status(fed)["privacy"]))
+    from fedfs.ops.history import collect_history
+    from fedfs.ops.report import _privacy_state, render_html
+
+    d = collect_history(fed)
+    d["privacy"] = _privacy_state(fed, d)  # what build_report adds (without its plots, which cost seconds)
+    page = render_html(d, {})
+    assert "Privacy and robustness" in page and "Epsilon (cumulative)" in page
+    assert f"{docs[1].report['dp']['epsilon']:.4g}" in page

@@ -171,7 +171,7 @@ class PoisonWork:
                                for k, v in ours.items()}, update_path, {"site": self.name})
                 return metrics
 
-        return _Poison(name, **kw)
+        return _Poison(name, **{**kw, "steps": 2})
 
 
 def _one_round(root: Path, rule: str) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:

@@ -36,6 +36,7 @@ __all__ = ["collect_history", "build_report", "render_html", "make_plots", "PLOT
 def build_report(fed: Federation, out_path: str | os.PathLike[str]) -> Path:
     """Write the HTML report of ``fed`` to ``out_path`` (atomically); return the path."""
     d = collect_history(fed)
+    d["privacy"] = _privacy_state(fed, d)
     page = render_html(d, make_plots(d))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +176,7 @@ aggregator's signatures.</p>
 <div class='grid2'>{_figure(plots, 'plot-round-durations', 'Time between consecutive global versions.')}
 {_figure(plots, 'plot-staleness', 'How many versions behind the current global each update was trained.')}</div>
 {_versions(d)}</section>
+{_privacy(d)}
 <section id='updates'><h2>Updates</h2><p class='lead'>Every update manifest in the bucket: what it was trained from,
 whether it was aggregated, with which weight and staleness, and its metrics.</p>{_updates(d)}</section>
 <section id='fingerprint'><h2>Data fingerprint</h2>{_fingerprint(d)}</section>
@@ -192,6 +194,32 @@ report could not verify.</p>{_problems(d)}</section>
 
 
 # ---- sections ----------------------------------------------------------------------------
+def _privacy_state(fed: Federation, d: dict[str, Any]) -> dict[str, Any]:
+    """The robust rule and the DP budget spent, from the newest global's record (fedfs.privacy.dp)."""
+    from ..privacy.dp import privacy_status
+
+    return privacy_status(fed.config, (d["globals"][-1]["report"] or {}) if d["globals"] else None)
+
+
+def _privacy(d: dict[str, Any]) -> str:
+    """A section on the robust rule and differential privacy: settings, then epsilon after each global."""
+    from ..privacy.dp import privacy_lines
+
+    p = d.get("privacy")
+    lines = privacy_lines(p) if p else []
+    if not lines:
+        return ""
+    body = "".join(f"<p class='lead'>{_e(line)}</p>" for line in lines)
+    rows = [[_e(f"v{g['version']}"), _fmt(rec.get("contributions")), _fmt(rec.get("noise_multiplier"), ".4g"),
+             _fmt(rec.get("epsilon_round"), ".4g"), _fmt(rec.get("epsilon"), ".4g"),
+             _fmt(rec.get("epsilon_single_update"), ".4g")]
+            for g in d["globals"] for rec in [((g["report"] or {}).get("dp") or {})] if rec and g["contributions"]]
+    if rows:
+        body += _table(["Version", "Updates", "Noise multiplier", "Epsilon (round)", "Epsilon (cumulative)",
+                        "Epsilon (one site's updates)"], rows, num={1, 2, 3, 4, 5})
+    return f"<section id='privacy'><h2>Privacy and robustness</h2>{body}</section>"
+
+
 def _cards(d: dict[str, Any]) -> str:
     """The summary cards at the top: state, newest global, sites, cases, mode, time, rejections."""
     c = d["config"]
