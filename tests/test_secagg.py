@@ -232,3 +232,21 @@ def test_mask_streams_are_keyed_by_seed_and_tensor():
     assert not np.array_equal(a["x"], a["y"])  # each tensor its own stream
     masks.apply_mask(a, b"k" * 32, -1)
     assert not a["x"].any() and not a["y"].any()
+
+
+def test_one_altered_unmask_share_is_left_out_when_enough_others_agree():
+    names = list("ABCDE")  # t = 3, five holders of each seed
+    inputs = random_inputs(names, seed=9)
+    p, _, keys, _, rosters, masked, unmasks = run_stages(names, inputs)
+    bad = unmasks["D"]
+    forged = dict(bad.self_shares)
+    forged["A"] = shamir.share_to_hex((shamir.share_from_hex(forged["A"], "x") + 1) % shamir.PRIME)
+    unmasks["D"] = SecAggUnmask(site="D", session=SESSION, roster=bad.roster, self_shares=forged,
+                                key_shares=bad.key_shares)
+    total = secagg.unmask_sum(p, keys, rosters[2], masked, unmasks)
+    assert all(np.array_equal(total[n], v) for n, v in modular_sum(inputs, names).items())
+    secret = bytes(range(32))
+    shares = shamir.split(secret, [1, 2, 3, 4], 3, b"s")
+    shares[2] += 1
+    with pytest.raises(ValidationError, match="altered"):  # t + 1 shares: an altered one is seen, not found
+        shamir.reconstruct_robust(shares, 3)

@@ -274,3 +274,29 @@ def test_over_the_bucket_a_roster_saying_a_live_site_dropped_is_refused(federati
     assert blind.step(inputs["A"]) == "unmasked"
     doc = fed.bucket.read(site_stage_key("A", "v000009", "unmask"), SecAggUnmask).doc
     assert "B" in doc.key_shares and "B" not in doc.self_shares
+
+
+def test_a_share_message_a_site_cannot_read_costs_that_share_not_the_round(federation, tmp_path):
+    from fedfs.privacy.secagg_documents import SecAggKeys, SecAggRoster, SecAggShares, SecAggUnmask
+
+    names = list("ABCDE")
+    fed, ids = federation(names)
+    base, updates, weights = model_round(names, seed=10)
+    inputs = {s: fixedpoint.encode_update(updates[s], base, weights[s], sum(weights.values()), FP) for s in names}
+    sites, agg = parties(fed, ids, tmp_path, names, "v000011")
+    for s in names:
+        assert sites[s].step() == "advertised"
+    assert agg.step() == "roster keys"
+    # B's shares document carries, for A, its message to C (a buggy or hostile B): A cannot read it
+    from fedfs.privacy import secagg
+
+    r_keys = fed.bucket.read(roster_key("v000011", "keys"), SecAggRoster).doc
+    keys = {s: fed.bucket.read(site_stage_key(s, "v000011", "keys"), SecAggKeys).doc for s in names}
+    honest = secagg.share_keys(sites["B"].params, sites["B"].secrets(), r_keys, keys)
+    bad = SecAggShares(site="B", session="v000011", roster=honest.roster,
+                       ciphertexts={**honest.ciphertexts, "A": honest.ciphertexts["C"]})
+    fed.bucket.publish(site_stage_key("B", "v000011", "shares"), bad, ids["B"])
+    total = run_session(sites, agg, inputs)
+    check_mean(total, base, updates, weights, names)
+    unmask_a = fed.bucket.read(site_stage_key("A", "v000011", "unmask"), SecAggUnmask).doc
+    assert "B" not in unmask_a.self_shares and site_stage_key("B", "v000011", "shares") in sites["A"].rejected

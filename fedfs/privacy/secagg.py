@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .secagg_documents import (
 
 __all__ = ["SessionParams", "SiteSecrets", "advertise", "share_keys", "mask_input", "receive_shares",
            "unmask_shares", "make_roster", "add_masked", "remove_masks", "unmask_sum", "layout_digest", "MIN_SITES"]
+
+log = logging.getLogger("fedfs.privacy.secagg")
 
 #: Fewer sites than this cannot hide one site's input from the others' view of the sum.
 MIN_SITES = 3
@@ -246,11 +249,11 @@ def unmask_shares(params: SessionParams, secrets: SiteSecrets, shares_roster: Se
                                   "refusing to reveal their mask keys")
     own_b, _ = secrets.shares(params, [me] + [j for j in params.neighbours(me) if j in shares_roster.sites])
     selfs, keys = {}, {}
-    for j in [me, *params.neighbours(me)]:
-        if j in masked_roster.sites:
+    for j in [me, *params.neighbours(me)]:  # a neighbour whose message we could not read gets nothing
+        if j in masked_roster.sites and (j == me or j in received):
             share = own_b[me] if j == me else received[j][0]
             selfs[j] = shamir.share_to_hex(share)
-        elif j in masked_roster.dropped:
+        elif j in masked_roster.dropped and j in received:
             keys[j] = shamir.share_to_hex(received[j][1])
     return SecAggUnmask(site=me, session=params.session, roster=digest(masked_roster),
                         self_shares=selfs, key_shares=keys)
@@ -300,7 +303,12 @@ def remove_masks(params: SessionParams, keys: Mapping[str, SecAggKeys], masked_r
     def rebuild(peer: str, kind: str) -> bytes:
         shares = {params.index(r): shamir.share_from_hex(getattr(u, kind)[peer], f"unmask of {r}")
                   for r, u in docs.items() if peer in getattr(u, kind)}
-        return shamir.reconstruct(shares, params.threshold)
+        secret, bad = shamir.reconstruct_robust(shares, params.threshold)
+        if bad:
+            culprits = sorted(params.sites[x - 1] for x in bad)
+            log.warning("session %s: %s's shares of %s's %s do not fit the others; left out", params.session,
+                        culprits, peer, "self-mask seed" if kind == "self_shares" else "mask key")
+        return secret
 
     for s in survivors:
         masks.apply_mask(total, rebuild(s, "self_shares"), -1, scratch)

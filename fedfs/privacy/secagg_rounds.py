@@ -239,7 +239,12 @@ class SecureSite(_Party):
         peers = [j for j in self.params.neighbours(self.name) if j in r_shares.sites]
         keys = self._docs("keys", SecAggKeys, peers)
         shares = self._docs("shares", SecAggShares, peers)
-        received = secagg.receive_shares(self.params, sec, keys, shares)
+        received = {}
+        for j, doc in shares.items():  # one unreadable message costs its sender's share, not the round
+            try:
+                received.update(secagg.receive_shares(self.params, sec, keys, {j: doc}))
+            except ValidationError as exc:
+                self.rejected[site_stage_key(j, self.params.session, "shares")] = str(exc)
 
         def masked_exists(site: str) -> bool:
             try:  # sites need not read each other's folders (docs/operations.md): then it cannot tell

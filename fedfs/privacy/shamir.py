@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 from ..errors import ValidationError
 
-__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "share_to_hex", "share_from_hex"]
+__all__ = ["PRIME", "SHARE_BYTES", "split", "reconstruct", "reconstruct_robust", "share_to_hex", "share_from_hex"]
 
 #: The Mersenne prime 2**521 - 1: every 256-bit secret is an element of the field.
 PRIME = (1 << 521) - 1
@@ -66,6 +66,26 @@ def reconstruct(shares: Mapping[int, int], t: int) -> bytes:
     if secret >> (8 * SECRET_BYTES):
         raise ValidationError("the reconstructed value is not a 32-byte secret (altered shares)")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def reconstruct_robust(shares: Mapping[int, int], t: int) -> tuple[bytes, list[int]]:
+    """As :func:`reconstruct`, but when the shares disagree, leave out the one share (then any
+    one pair of shares, with enough to spare) whose removal makes the rest agree: a single
+    altered share cannot block the reconstruction. Returns (secret, the x of the shares left out)."""
+    try:
+        return reconstruct(shares, t), []
+    except ValidationError:
+        if len(shares) < t + 2:
+            raise
+    xs = sorted(shares)
+    for drop in [[x] for x in xs] + ([[a, b] for i, a in enumerate(xs) for b in xs[i + 1:]]
+                                     if len(xs) >= t + 3 else []):
+        rest = {x: y for x, y in shares.items() if x not in drop}
+        try:
+            return reconstruct(rest, t), drop
+        except ValidationError:
+            continue
+    raise ValidationError(f"{len(shares)} shares do not agree on one secret, even with one or two left out")
 
 
 def _interpolate(points: list[tuple[int, int]], at: int) -> int:
