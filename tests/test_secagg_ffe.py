@@ -56,6 +56,38 @@ def test_secure_ffe_merged_fingerprint_equals_plain_ffe(tmp_path):
     assert props_s["mean"] == float(exact)
 
 
+def test_secure_ffe_step_by_step_over_the_bucket(tmp_path):
+    """The set-up phase's hooks (fedfs.privacy.secagg_ffe_rounds), stepped as the roles would."""
+    from fedfs.privacy import secagg_ffe_rounds as ffe
+
+    names = ["A", "B", "C", "D"]
+    fed, _, _ = toy_federation(tmp_path, names)
+    ids = {n: load_identity(tmp_path / "keys" / f"{n}.key") for n in [*names, "agg"]}
+    works = {s: ToyWork(s, cases=1 + i, seed=i) for i, s in enumerate(names)}
+    census = None
+    for _ in range(6):
+        for s, w in works.items():
+            ffe.site_census_step(fed.bucket, ids[s], tmp_path / f"w-{s}", w.cases, 1)
+        what, census = ffe.aggregator_census_step(fed.bucket, ids["agg"])
+        if census:
+            break
+    assert census == {"total_cases": 10, "num_channels": 1}
+    summaries = {s: w.fingerprint_summary(10) for s, w in works.items()}
+    geometries = {s: secagg_ffe.summary_input(summaries[s], secagg_ffe.IntegerGrid())[0] for s in names}
+    fingerprint = None
+    for _ in range(6):
+        for s in names:
+            ffe.site_summary_step(fed.bucket, ids[s], tmp_path / f"w-{s}", summaries[s])
+        what, fingerprint = ffe.aggregator_summary_step(fed.bucket, ids["agg"], geometries, census)
+        if fingerprint:
+            break
+    plain = merge_summaries(summaries, merge_census({s: {"num_cases": w.cases, "num_channels": 1}
+                                                     for s, w in works.items()}))
+    assert fingerprint["spacings"] == plain["spacings"]
+    assert fingerprint["foreground_intensity_properties_per_channel"]["0"]["median"] == \
+        plain["foreground_intensity_properties_per_channel"]["0"]["median"]
+
+
 def test_secure_ffe_refuses_what_an_integer_grid_cannot_hold():
     grid = secagg_ffe.IntegerGrid(-1024, 3071)
     work = ToyWork("A", cases=2)
