@@ -90,6 +90,7 @@ class Federation:
         (``created`` False); with different settings it raises Conflict naming them.
         """
         store = url if isinstance(url, Store) else open_store(url, storage_options)
+        store.check_exclusive("doctor")  # before anything is written: write-once files need put-if-absent
         if identity.role != "aggregator" or identity.name != config.aggregator.name:
             raise ConfigError(f"federation.json must be signed with the aggregator's key ({config.aggregator.name}.key)")
         if identity.public_key_b64 != config.aggregator.public_key:
