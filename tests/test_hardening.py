@@ -148,3 +148,43 @@ def test_known_junk_costs_no_read_after_a_restart(tmp_path):
     again.fed.store.read_bytes = lambda key, **kw: (reads.append(key), real(key, **kw))[1]
     again.inputs.plans_of("C")
     assert layout.site_plans("C") not in reads and layout.slot_candidate(layout.site_plans("C"), 1) in reads
+
+
+class IgnoresIfNoneMatch:
+    """A store whose publish overwrites, as an S3 server ignoring ``If-None-Match`` does (npm's s3rver,
+    which needs node: this in-memory stand-in behaves as it does at the one call that matters)."""
+
+    @staticmethod
+    def make():
+        from fedfs.store.memory import MemoryStore
+
+        class Lax(MemoryStore):
+            probe_exclusive = True
+
+            def _publish(self, key, data):
+                self._write(key, data)
+
+        return Lax({}, name="lax")
+
+
+def test_init_and_every_party_refuse_a_store_without_exclusive_publish(tmp_path):
+    import pytest
+
+    from fedfs.errors import ConfigError
+
+    keys = tmp_path / "keys"
+    generate_keypair("agg", "aggregator", keys)
+    generate_keypair("A", "site", keys)
+    config, agg = config_from_key_dir(keys, ["A"])
+    lax = IgnoresIfNoneMatch.make()
+    with pytest.raises(ConfigError, match="does not honour put-if-absent"):
+        Federation.create(lax, config, agg)
+    assert not lax.exists(layout.FEDERATION) and lax.list() == []  # nothing written, the probe cleaned up
+    # a federation.json that got there anyway (an older fedfs): each party refuses at start
+    fed, _ = Federation.create(str(tmp_path / "bucket"), config, agg)
+    lax.publish(layout.FEDERATION, fed.store.read_bytes(layout.FEDERATION))
+    on_lax = Federation(lax, fed.config, fed.digest)
+    with pytest.raises(ConfigError, match="fedfs doctor"):
+        Aggregator(on_lax.as_party(keys / "agg.key"), tmp_path / "agg")
+    with pytest.raises(ConfigError, match="does not honour put-if-absent"):
+        Site(on_lax.as_party(keys / "A.key"), ToyWork("A"), tmp_path / "A")

@@ -53,6 +53,7 @@ class Aggregator:
         self.bucket = fed.bucket
         self.work = Path(workdir)
         self.clock = clock
+        fed.store.check_exclusive(layout.AGG_PREFIX + "doctor")  # write-once needs put-if-absent
         self.quarantine = Quarantine(self.bucket, layout.AGG_STATUS, self.identity, logger=log,
                                      journal=self.work / "rejections.jsonl")
         self.inputs = VerifiedInputs(fed, self.work / "cache", self.quarantine)

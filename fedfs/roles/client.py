@@ -54,6 +54,7 @@ class SiteClient:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.last_version: int | None = None
         self.digest = ""
+        fed.store.check_exclusive(layout.site_prefix(self.name) + "doctor")  # write-once needs put-if-absent
         if fed.config.mode == "ffe":
             raise ConfigError("mode 'ffe' needs nnU-Net's fingerprint phase: use `fedfs site` for nnU-Net, "
                               "or a federation created with mode 'fedavg' or 'asym' for plain PyTorch models")

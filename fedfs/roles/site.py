@@ -126,6 +126,7 @@ class Site:
         self.dir = Path(workdir)
         (self.dir / "updates").mkdir(parents=True, exist_ok=True)
         (self.dir / "globals").mkdir(parents=True, exist_ok=True)
+        fed.store.check_exclusive(layout.site_prefix(self.name) + "doctor")  # write-once needs put-if-absent
         self.installation = Installation(self.dir, self.name)  # which machine this is (two with one key stop)
         self.identity = self.installation.sign_as(self.identity)
         self.state_path = self.dir / "state.json"

@@ -39,7 +39,7 @@ class SiteSetup:
         self.bucket = site.bucket
         # no quarantine here: a file that fails verification raises, and the site's step records it
         # and reports "blocked" (the aggregator passes over a bad revision and supersedes its own)
-        self.revisions = Revisions(site.bucket)
+        self.revisions = Revisions(site.bucket, site.quarantine)  # junk at a newer revision is skipped, not fatal
         self.redo_summary = False  # publish a new summary even if the current one answers the census
 
     def _own_census(self) -> Any:

@@ -139,6 +139,36 @@ class Store(ABC):
         with translate_errors(self, key, writing=True):
             self._delete(key)
 
+    #: False where exclusivity holds by construction (the in-process memory store): no probe needed.
+    probe_exclusive: ClassVar[bool] = True
+
+    def check_exclusive(self, prefix: str) -> None:
+        """Probe once that ``publish`` really is exclusive here (a second publish of a key must fail),
+        under ``prefix`` (a folder this party may write); raise ConfigError with the reason if not.
+
+        Write-once files rest on it: a server that ignores ``If-None-Match`` (or a share whose
+        create-exclusive is not) lets two parties overwrite each other's manifests silently."""
+        if not self.probe_exclusive:
+            return
+        import uuid
+
+        key = f"{prefix.rstrip('/')}/exclusive-probe-{uuid.uuid4().hex[:12]}.json"
+        self.publish(key, b'{"probe": 1}')
+        try:
+            self.publish(key, b'{"probe": 2}')
+        except Conflict:
+            return
+        finally:
+            with contextlib.suppress(FedfsError):
+                self.delete(key)
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"{self.describe(key)}: a second exclusive publish of the same key succeeded, so this storage does "
+            "not honour put-if-absent (an S3 server ignoring If-None-Match, or a share without create-exclusive). "
+            "fedfs's write-once files would be overwritten silently; use storage that honours it "
+            f"(run `fedfs doctor {self.url}` for the full check; docs/operations.md, Storage)", key=key)
+
     def upload(self, key: str, local_path: str) -> None:
         check_key(key)
         with translate_errors(self, key, writing=True):

@@ -34,6 +34,8 @@ _NAMED_LOCK = threading.Lock()
 class MemoryStore(Store):
     """A complete Store over a dict: exclusive publish, thread-safe, optionally read-only."""
 
+    probe_exclusive = False  # exclusive by construction (one lock, one dict)
+
     scheme = "memory"
     publish_mechanism = "lock"
     kind = "a memory bucket"
