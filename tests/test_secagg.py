@@ -149,6 +149,10 @@ def test_a_roster_that_isolates_a_site_is_refused():
     small = SecAggRoster(session=SESSION, stage="shares", sites=["A", "B"], previous=digest(r_keys))
     with pytest.raises(ValidationError, match="below the threshold"):
         secagg.mask_input(p, sec["A"], small, keys, inputs["A"])
+    r_keys_small = secagg.make_roster(p, "keys", list("ABCD"), None)
+    with pytest.raises(ValidationError, match="does not follow the keys roster"):  # not the keys roster it names
+        secagg.mask_input(p, sec["A"], secagg.make_roster(p, "shares", names, r_keys), keys, inputs["A"],
+                          keys_roster=r_keys_small)
 
 
 def test_an_unmask_document_revealing_both_shares_is_malformed():

@@ -169,6 +169,9 @@ def share_keys(params: SessionParams, secrets: SiteSecrets, roster: SecAggRoster
     if me not in roster.sites:
         raise ValidationError(f"{me}: the keys roster of session {params.session} leaves this site out")
     peers = [j for j in params.neighbours(me) if j in roster.sites]
+    missing = [j for j in peers if j not in keys]
+    if missing:
+        raise ValidationError(f"{me}: no valid keys document from {missing}, whom the keys roster lists")
     if len(peers) + 1 < params.threshold:
         raise ValidationError(f"{me}: only {len(peers)} neighbours advertised keys; threshold {params.threshold} "
                               "cannot be met")
@@ -188,8 +191,8 @@ def receive_shares(params: SessionParams, secrets: SiteSecrets, keys: Mapping[st
     me, out = secrets.site, {}
     for j, doc in sorted(shares.items()):
         where = f"shares of {j} for {me} (session {params.session})"
-        if j not in params.neighbours(me) or me not in doc.ciphertexts:
-            raise ValidationError(f"{where}: {j} is no neighbour or sent this site no share")
+        if j not in params.neighbours(me) or me not in doc.ciphertexts or j not in keys:
+            raise ValidationError(f"{where}: {j} is no neighbour, sent this site no share, or has no valid keys")
         key = masks.share_key(secrets.enc_private, masks.unb64(keys[j].enc_key, where, 32), params.session, j, me)
         plain = masks.decrypt(key, masks.unb64(doc.ciphertexts[me], where), _aad(params.session, j, me), where)
         try:
@@ -205,10 +208,15 @@ def receive_shares(params: SessionParams, secrets: SiteSecrets, keys: Mapping[st
 
 
 def mask_input(params: SessionParams, secrets: SiteSecrets, roster: SecAggRoster, keys: Mapping[str, SecAggKeys],
-               inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+               inputs: Mapping[str, np.ndarray], keys_roster: SecAggRoster | None = None) -> dict[str, np.ndarray]:
     """Stage 3: our input plus our self mask plus signed pairwise masks with each neighbour
-    that shared (the shares roster). Modulo 2**bits per tensor; the input is not changed."""
+    that shared (the shares roster; checked to follow ``keys_roster`` when given). Modulo
+    2**bits per tensor; the input is not changed."""
     me = secrets.site
+    _check_roster(roster, params, "shares", keys_roster)
+    missing = [j for j in params.neighbours(me) if j in roster.sites and j not in keys]
+    if missing:
+        raise ValidationError(f"{me}: no valid keys document from {missing}, whom the shares roster lists")
     if me not in roster.sites:
         raise ValidationError(f"{me}: the shares roster of session {params.session} leaves this site out")
     _require_quorum(params, me, roster.sites, "shares roster")

@@ -206,7 +206,7 @@ class SecureSite(_Party):
         if self.name not in r_keys.sites:
             return "excluded"
         if not exists(self._key("shares")):
-            keys = self._docs("keys", SecAggKeys, r_keys.sites)
+            keys = self._docs("keys", SecAggKeys, [j for j in self.params.neighbours(self.name) if j in r_keys.sites])
             self._publish("shares", secagg.share_keys(self.params, sec, r_keys, keys))
             return "shared"
         r_shares = self._roster("shares")
@@ -218,8 +218,9 @@ class SecureSite(_Party):
             if inputs is None:
                 return "waiting for input"
             data = inputs() if callable(inputs) else inputs
-            keys = self._docs("keys", SecAggKeys, r_shares.sites)
-            masked = secagg.mask_input(self.params, sec, r_shares, keys, data)
+            peers = [j for j in self.params.neighbours(self.name) if j in r_shares.sites]
+            keys = self._docs("keys", SecAggKeys, peers)
+            masked = secagg.mask_input(self.params, sec, r_shares, keys, data, keys_roster=r_keys)
             from safetensors.numpy import save
 
             blob = self.bucket.put_blob_bytes(lambda sha, ext: proto_layout.site_blob(self.name, sha, ext),
