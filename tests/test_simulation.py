@@ -47,6 +47,15 @@ def test_schedules_keep_every_invariant(block):
     assert not failing, "\n".join(failing)
 
 
+def test_a_site_killed_after_publishing_its_plans_plans_again():
+    """Seed 112, the simulator's first finding: s02 dies right after its plans.json landed; restarted, it
+    initialised another network (as nnU-Net does) and every later step raised Conflict (a daemon exits, the
+    federation never gets v0). The site now keeps its initial weights per plans digest."""
+    o = run_seed(112, quick=True)
+    assert "t1 s02: crash_after publish sites/s02/plans.json" in o.trace and "reinit" in o.scenario
+    assert o.violations == []
+
+
 def test_a_seed_replays_identically():
     seed = next(s for s in range(100) if (sc := scenario(s, quick=True)).rates.crash and sc.rates.lag
                 and sc.aggregators == 2)

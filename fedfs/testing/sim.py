@@ -48,8 +48,8 @@ from ..roles.site import Site, SiteState
 from ..store.memory import MemoryStore
 from ..trust.bucket import Bucket
 from ..trust.signing import Identity
-from .sim_check import Violation, check_federation, status_rejections
-from .sim_store import EPOCH, KINDS, Crash, FaultPlan, FaultStore, Rates, SimClock, TimeShim
+from .sim_check import Violation, check_federation, read_globals, status_rejections
+from .sim_store import EPOCH, KINDS, Crash, FaultPlan, FaultStore, Rates, SimClock, TimeShim, stable
 from .toy import ToyWork
 
 __all__ = ["Outcome", "Scenario", "SimWork", "Simulation", "run_seed", "scenario"]
@@ -288,16 +288,16 @@ class Simulation:
         except Crash as exc:
             self.parties[name] = None
             self.crashes += 1
-            self.trace.append(f"t{self.plan.tick} {name}: died ({exc}); restarts from its workdir")
+            self.trace.append(stable(f"t{self.plan.tick} {name}: died ({exc}); restarts from its workdir"))
             return
         except (StoreUnavailable, StateUnknown) as exc:  # a daemon logs these and retries
-            self.trace.append(f"t{self.plan.tick} {name}: retries after {type(exc).__name__}: {exc}")
+            self.trace.append(stable(f"t{self.plan.tick} {name}: retries after {type(exc).__name__}: {exc}"))
             return
         except Exception as exc:  # noqa: BLE001 - a daemon would exit here: a finding, then restart it
             self.parties[name] = None
-            self.escapes.append(Violation("no_escape", f"t{self.plan.tick} {name}'s step raised "
-                                          f"{type(exc).__name__}: {exc}"))
-            self.trace.append(f"t{self.plan.tick} {name}: step raised {type(exc).__name__}: {exc}")
+            self.escapes.append(Violation("no_escape", stable(f"t{self.plan.tick} {name}'s step raised "
+                                                             f"{type(exc).__name__}: {exc}")))
+            self.trace.append(stable(f"t{self.plan.tick} {name}: step raised {type(exc).__name__}: {exc}"))
             return
         self.done[name] = result.action.terminal
         self.trace.append(f"t{self.plan.tick} {name}: {result.action} {result.detail[:120]}")
@@ -321,7 +321,14 @@ class Simulation:
                     self.step(n)
             violations = self.escapes + self.check()
         return Outcome(self.sc.seed, self.sc.describe(), violations, self.trace, dict(self.plan.stats),
-                       self.steps, self.crashes, time.perf_counter() - t0)
+                       self.steps, self.crashes, time.perf_counter() - t0, self.summary())
+
+    def summary(self) -> dict[str, int]:
+        """How much the schedule did: globals published, updates folded, rejections recorded."""
+        bucket = Bucket(self.inner, self.config)
+        globals_ = read_globals(bucket)
+        return {"globals": len(globals_), "folded": sum(len(g.contributions) for g in globals_.values()),
+                "rejected": len(status_rejections(bucket))}
 
     def finished_versions(self) -> dict[str, int | None]:
         """Each site's final version from its workdir's state (None: not finished)."""

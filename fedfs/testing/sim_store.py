@@ -98,7 +98,16 @@ _CLASSES = [(re.compile(p), c) for p, c in (
     (r"/blobs/", "blob"), (r"^aggregator/globals/", "global"), (r"/updates/", "update"),
     (r"latest", "latest"), (r"status\.json$", "status"), (r"heartbeat\.json$", "heartbeat"),
     (r"plans\.json$", "plans"), (r"census", "census"), (r"summary|fingerprint/global", "fingerprint"),
-    (r"^federation\.json$", "federation"))]
+    (r"^federation\.json$", "federation"), (r"probe", "probe"))]
+
+
+_RANDOM_PART = re.compile(r"[0-9a-f]{12,32}(?=\.json)")
+
+
+def stable(key: str) -> str:
+    """``key`` without a random name part (the exclusivity probe's ``exclusive-probe-<hex>.json``), so a
+    fault decided for it, and the trace line, are the same in every run; content names (64 hex) stay."""
+    return _RANDOM_PART.sub("*", key) if "probe" in key else key
 
 
 def key_class(key: str) -> str:
@@ -125,18 +134,20 @@ class FaultPlan:
 
     def chance(self, party: str, op: str, key: str) -> float:
         """A uniform number in [0, 1) for this party incarnation's n-th ``op`` on ``key``."""
+        key = stable(key)
         n = self._calls[party, op, key] = self._calls[party, op, key] + 1
         text = f"{self.seed}|{party}|{self.incarnation[party]}|{op}|{key}|{n}".encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") / 2.0 ** 64
 
     def record(self, party: str, kind: str, what: str, key: str = "") -> None:
+        key = stable(key)
         self.trace.append(f"t{self.tick} {party}: {kind} {what} {key}".rstrip())
         self.stats[kind] += 1
         self.stats[f"{kind}:{what}:{key_class(key) if key else '-'}"] += 1
 
     def crash(self, party: str, why: str, key: str = "") -> Crash:
         self.incarnation[party] += 1
-        return Crash(f"{party}: {why} {key}".rstrip())
+        return Crash(f"{party}: {why} {stable(key)}".rstrip())
 
     def decide(self, party: str, op: str, key: str) -> tuple[str | None, bool]:
         """(the exclusive fault for this call or None, whether it is also slow)."""
