@@ -54,6 +54,7 @@ from .toy import ToyWork
 
 __all__ = ["Outcome", "Scenario", "SimWork", "Simulation", "run_seed", "scenario"]
 
+STEP_S = 5.0  # simulated seconds per step (a poll interval)
 _LOW = {"crash": 0.01, "point": 0.15, "unavailable": 0.02, "unknown": 0.01, "lost_ack": 0.02, "slow": 0.03,
         "repeat": 0.02, "lag": 0.5}
 _HIGH = {"crash": 0.04, "point": 0.5, "unavailable": 0.08, "unknown": 0.05, "lost_ack": 0.08, "slow": 0.1,
@@ -92,11 +93,11 @@ def scenario(seed: int, *, quick: bool = False, exclude: frozenset[str] | set[st
     sites = rng.choice((3, 3, 4)) if quick else rng.choice((3, 3, 3, 4, 4, 5, 6, 8, 12, 20))
     rounds = rng.choice((1, 2, 2)) if quick or sites > 8 else rng.choice((1, 2, 2, 3))
     aggregation = rng.choice(("sync", "async"))
-    settings: dict[str, Any] = {"max_staleness": rng.choice((1, 2, 8))}
+    settings: dict[str, Any] = {"max_staleness": rng.choice((1, 1, 2, 8))}
     if aggregation == "async":
         settings.update(buffer_size=rng.randint(0, sites), buffer_trigger=rng.choice(("fresh", "any")))
-    elif rng.random() < 0.3:
-        settings.update(deadline_s=rng.choice((60.0, 600.0)), min_sites=rng.randint(1, sites))
+    elif rng.random() < 0.5:  # a deadline makes late updates, which are rejected
+        settings.update(deadline_s=rng.choice((30.0, 120.0, 600.0)), min_sites=rng.randint(1, sites))
     rates = Rates(**{k: rng.choice((0.0, _LOW[k], _HIGH[k])) for k in _LOW})
     names = [f"s{i:02d}" for i in range(sites)]
     aggregators = rng.choice((1, 1, 2))
@@ -280,7 +281,7 @@ class Simulation:
         """Step party ``name`` once (building it first if it is not running), as its daemon would."""
         self.clock.current, self.plan.tick = name, self.steps
         self.steps += 1
-        self.clock.advance(1.0)
+        self.clock.advance(STEP_S)
         try:
             if self.parties[name] is None:
                 self.parties[name] = self._build(name)
