@@ -129,12 +129,16 @@ class NnunetWork:
 
     def train_round(self, global_path: str, epochs: int, update_path: str) -> dict[str, float]:
         from ..weights.tensors import load_weights, save_weights
+        from .inference import named_dice
 
         tensors, _ = load_weights(global_path)
         self.session.load_weights(tensors)
         metrics = self.session.train_epochs(epochs, schedule_epoch=self._progress)
         save_weights(update_path, self.session.weights(), {"kind": "update", "epoch": str(self.session.epoch)})
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # nnU-Net's pseudo-Dice per label or region, under dataset.json's names: status and report show them
+        out.update(named_dice(self.session.trainer.dataset_json, metrics.get("dice_per_class") or []))
+        return out
 
     def recover_round(self, epoch_before: int, epochs: int, update_path: str) -> bool:
         """After a crash between nnU-Net's checkpoint and the site's record: the checkpoint

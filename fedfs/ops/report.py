@@ -25,7 +25,7 @@ from ..protocol import layout
 from .history import collect_history
 from .plots import PLOT_IDS, latest_sharing, make_plots, round_durations, site_color, time_unit
 from .report_scale import at_scale, names_line, phase_counts, round_summary, site_stats, standouts
-from .status import SILENT_AFTER_S, human_age, rule_label, short_reason
+from .status import SILENT_AFTER_S, dice_by_target, format_targets, human_age, rule_label, short_reason
 
 if TYPE_CHECKING:
     from ..federation import Federation
@@ -299,12 +299,18 @@ def _site_table(d: dict[str, Any]) -> str:
                                                    if info["message"] else ""),
                      _heartbeat(info),
                      str(len(mine)), _fmt(lastu["named"]["train_loss"] if lastu else None),
-                     _fmt(lastu["named"]["pseudo_dice"] if lastu else None, ".3f"),
+                     _fmt(lastu["named"]["pseudo_dice"] if lastu else None, ".3f") + _targets(lastu),
                      _fmt(info.get("metrics", {}).get("validation_dice"), ".3f"),
                      f"<span class='pill bad'>{rej}</span>" if rej else "0"])
     return _table(["Site", "Cases", "Phase", "Last heartbeat (UTC)", "Updates", "Last train loss",
                    "Last pseudo-Dice", "Final validation Dice", "Rejected"], rows, num={1, 4, 5, 6, 7}) \
         + _aggregator_line(d)
+
+
+def _targets(update: dict[str, Any] | None) -> str:
+    """An update's pseudo-Dice per region or label, by name, under the mean (regions, several labels)."""
+    line = format_targets(dice_by_target(update["metrics"])) if update else ""
+    return f"<br><span class='muted'>{_e(line)}</span>" if line else ""
 
 
 def _heartbeat(info: dict[str, Any]) -> str:
