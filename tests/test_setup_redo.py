@@ -223,7 +223,7 @@ def test_a_missing_label_file_is_caught_before_the_census(tmp_path, monkeypatch)
 
 def test_a_revision_that_does_not_verify_is_passed_over(tmp_path, keys):
     """The newest *valid* revision wins: a corrupt census-1 of A is quarantined by the aggregator, which
-    merges A's census.json; A's own step refuses to use the file and says blocked, naming it."""
+    merges A's census.json; A's own step passes over it too (recording it in its status) and goes on."""
     # Prepare
     fed, aggregator, sites = toy_federation(tmp_path, keys)
     step_sites(sites)
@@ -235,17 +235,18 @@ def test_a_revision_that_does_not_verify_is_passed_over(tmp_path, keys):
     # Assert
     assert merged.action == "census" and fed.bucket.read(layout.CENSUS, Census).doc.sources["A"] == 0
     assert bad in [r.key for r in fed.bucket.read(layout.AGG_STATUS, StatusDocument).doc.rejected]
-    assert a.action.blocked and bad in a.detail
+    assert a.action == "fingerprint", a  # junk costs a rejection, never the party
+    assert bad in [r.key for r in fed.bucket.read(layout.site_status("A"), StatusDocument).doc.rejected]
 
 
 def test_a_corrupt_merged_census_is_superseded_by_the_aggregator(tmp_path, keys):
     """The aggregator passes over its own census that does not verify and publishes the next revision;
-    a site blocked on the bad one goes on from the new one."""
+    a site passes over the bad one (waiting for one that verifies) and goes on from the new one."""
     # Prepare
     fed, aggregator, sites = toy_federation(tmp_path, keys)
     step_sites(sites)
     fed.store.write_bytes(layout.CENSUS, b"\x00 not json")
-    assert sites["A"].step().action.blocked
+    assert sites["A"].step().action == "wait"
     # Execute
     result = aggregator.step()
     # Assert

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import zlib
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class ImportResult:
                                                           if self.kept_newer else ""))
 
 
+#: What a damaged archive raises while it is read (tarfile, gzip's CRC and EOF, zlib, bz2/lzma's OSError).
+_DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
 def _read_members(tar_path: Path, tmp: str) -> tuple[bytes, Members]:
     """(manifest bytes, key -> (local path, sha256, size)) from a bundle, refusing anything unsafe."""
     name = tar_path.name
@@ -60,39 +65,42 @@ def _read_members(tar_path: Path, tmp: str) -> tuple[bytes, Members]:
         raise SchemaError(f"{tar_path}: not a readable bundle ({exc})") from None
     with tar:
         try:
-            entries = list(_members(tar, name))
-        except tarfile.TarError as exc:
-            raise SchemaError(f"{name}: damaged bundle ({exc})") from None
-        for m in entries:
-            if not m.isreg():
-                raise InvalidName(f"{name}: member {m.name!r} is not a regular file (links and folders are refused)")
-            if m.name == MANIFEST_NAME:
-                if manifest is not None:
-                    raise SchemaError(f"{name}: two {MANIFEST_NAME} members")
-                if m.size > MAX_MANIFEST_BYTES:
-                    raise SchemaError(f"{name}: {MANIFEST_NAME} is {m.size} bytes, over the limit")
-                manifest = tar.extractfile(m).read()  # type: ignore[union-attr]
-                continue
-            if not m.name.startswith(MEMBER_PREFIX):
-                raise InvalidName(f"{name}: member {m.name!r} lies outside {MEMBER_PREFIX} (refused)")
-            key = m.name[len(MEMBER_PREFIX):]
             try:
-                layout.check_key(key)
-            except InvalidName as exc:
-                raise InvalidName(f"{name}: member {m.name!r} is not a safe bucket key ({exc})") from None
-            if key in members:
-                raise SchemaError(f"{name}: {key} appears twice")
-            limit = MAX_BLOB_BYTES if layout.parse_blob_key(key) else MAX_DOCUMENT_BYTES
-            if m.size > limit:
-                raise SchemaError(f"{name}: {key} is {m.size} bytes, over the {limit}-byte limit")
-            path = os.path.join(tmp, f"{len(members):06d}")
-            h = hashlib.sha256()
-            src = tar.extractfile(m)
-            with open(path, "wb") as out:
-                for block in iter(lambda: src.read(1 << 20), b""):  # type: ignore[union-attr]
-                    h.update(block)
-                    out.write(block)
-            members[key] = (path, h.hexdigest(), m.size)
+                entries = list(_members(tar, name))
+            except tarfile.TarError as exc:
+                raise SchemaError(f"{name}: damaged bundle ({exc})") from None
+            for m in entries:
+                if not m.isreg():
+                    raise InvalidName(f"{name}: member {m.name!r} is not a regular file (links and folders are refused)")
+                if m.name == MANIFEST_NAME:
+                    if manifest is not None:
+                        raise SchemaError(f"{name}: two {MANIFEST_NAME} members")
+                    if m.size > MAX_MANIFEST_BYTES:
+                        raise SchemaError(f"{name}: {MANIFEST_NAME} is {m.size} bytes, over the limit")
+                    manifest = tar.extractfile(m).read()  # type: ignore[union-attr]
+                    continue
+                if not m.name.startswith(MEMBER_PREFIX):
+                    raise InvalidName(f"{name}: member {m.name!r} lies outside {MEMBER_PREFIX} (refused)")
+                key = m.name[len(MEMBER_PREFIX):]
+                try:
+                    layout.check_key(key)
+                except InvalidName as exc:
+                    raise InvalidName(f"{name}: member {m.name!r} is not a safe bucket key ({exc})") from None
+                if key in members:
+                    raise SchemaError(f"{name}: {key} appears twice")
+                limit = MAX_BLOB_BYTES if layout.parse_blob_key(key) else MAX_DOCUMENT_BYTES
+                if m.size > limit:
+                    raise SchemaError(f"{name}: {key} is {m.size} bytes, over the {limit}-byte limit")
+                path = os.path.join(tmp, f"{len(members):06d}")
+                h = hashlib.sha256()
+                src = tar.extractfile(m)
+                with open(path, "wb") as out:
+                    for block in iter(lambda: src.read(1 << 20), b""):  # type: ignore[union-attr]
+                        h.update(block)
+                        out.write(block)
+                members[key] = (path, h.hexdigest(), m.size)
+        except _DAMAGED as exc:  # a torn or altered archive, however the decompressor notices it
+            raise SchemaError(f"{name}: damaged bundle ({type(exc).__name__}: {exc})") from None
     if manifest is None:
         raise SchemaError(f"{name}: no {MANIFEST_NAME}: not a fedfs bundle")
     return manifest, members

@@ -97,6 +97,7 @@ class SiteState:
     finished: bool = False
     final_version: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    init_digest: str = ""  # the plans digest updates/init.safetensors was made for (kept across a crash)
 
     @classmethod
     def load(cls, path: Path) -> SiteState:
@@ -169,7 +170,9 @@ class Site:
         self.installation.check_once(self.bucket)  # another machine publishing as this site? then stop (Blocked)
         try:
             with self.liveness.alive():  # a long round or final validation still shows signs of life
-                return self._step()
+                result = self._step()
+            self.quarantine.flush()  # files passed over on the way (junk, a bad revision): in the status, if any
+            return result
         except ValidationError as exc:
             self.quarantine.reject(exc.key or "-", str(exc))
             self.quarantine.flush()
@@ -219,7 +222,12 @@ class Site:
         self.work.start(self.total_epochs)
         self._started = True
         init = self.dir / "updates" / "init.safetensors"
-        self.work.initial_weights(str(init))
+        if not (init.exists() and self.state.init_digest == digest):
+            # made once per plans: a restart after publishing must publish the same document again (an untrained
+            # network is random, so a fresh one would conflict with the write-once plans.json for good)
+            self.work.initial_weights(str(init))
+            self.state.init_digest = digest
+            self._save()
         ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), str(init))
         doc = PlansDocument(site=self.name, plans_identifier=identifier, configuration=self.config.configuration,
                             digest=digest, summary=summary, init_blob=ref, nnunet_version=summary.get("nnunet_version", ""),

@@ -304,7 +304,7 @@ class Bucket:
             existing = self.read_raw_envelope(key)
             if self.config is not None:  # a forged envelope is neither ours nor another machine's
                 self._check_signer(key, existing, where)
-        except (SchemaError, SignatureError) as exc:
+        except ValidationError as exc:  # unparsable, forged, too large...: junk, whatever it is
             raise _Junk(f"{where}: already exists and is not a valid document ({exc})", key=key) from None
         same_token = existing.get("writer_token") == env["writer_token"]
         same_content = existing.get("signer") == env["signer"] and existing.get("body") == env["body"]
