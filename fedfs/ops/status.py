@@ -80,7 +80,8 @@ def pick_metrics(metrics: dict[str, float] | None) -> dict[str, float | None]:
 
 def dice_by_target(metrics: dict[str, float] | None) -> dict[str, float]:
     """nnU-Net's pseudo-Dice per label or region, by dataset.json's names (a site reports them as
-    ``dice_<name>``, :func:`fedfs.nnunet.inference.named_dice`), in the site's order."""
+    ``dice_<name>``, :func:`fedfs.nnunet.inference.named_dice`), in name order (the manifests are
+    canonical JSON, which sorts keys)."""
     return {k[len("dice_"):]: float(v) for k, v in (metrics or {}).items()
             if k.startswith("dice_") and len(k) > 5 and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
