@@ -357,9 +357,30 @@ def _nonfinite_culprits(seg: _Segment, infos: Sequence[WeightsInfo | None], firs
             if src < first_src:
                 raise
             found[src - first_src] = str(exc)
-    if not found:
-        raise ValidationError(f"the aggregate of tensor {seg.keys[0]!r} overflows {seg.dtype}")
+    if not found:  # all finite, yet the sum overflows: the update with the largest values there goes
+        culprit = _largest_update(seg, infos, first_src)
+        if culprit is None:
+            raise ValidationError(f"the aggregate of tensor {seg.keys[0]!r} overflows {seg.dtype}")
+        src, peak = culprit
+        found[src - first_src] = (f"{infos[src].path}: its values (max |x| = {peak:.3g} in {seg.keys[0]!r}) "  # type: ignore[union-attr]
+                                  f"make the aggregate overflow {seg.dtype}")
     return found
+
+
+def _largest_update(seg: _Segment, infos: Sequence[WeightsInfo | None], first_src: int) -> tuple[int, float] | None:
+    """The update (source index) holding the largest magnitude in ``seg``'s tensors, and that magnitude."""
+    from safetensors import safe_open
+
+    best: tuple[int, float] | None = None
+    for src in sorted({t.src for t in seg.terms if t.src >= first_src}):
+        info = infos[src]
+        if info is None:
+            continue
+        with safe_open(info.path, framework="pt") as f:
+            peak = max(float(f.get_tensor(k).double().abs().max()) for k in seg.keys if k in info.tensors)
+        if best is None or peak > best[1]:
+            best = (src, peak)
+    return best
 
 
 def extract_site(union_path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]],
