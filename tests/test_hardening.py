@@ -188,3 +188,32 @@ def test_init_and_every_party_refuse_a_store_without_exclusive_publish(tmp_path)
         Aggregator(on_lax.as_party(keys / "agg.key"), tmp_path / "agg")
     with pytest.raises(ConfigError, match="does not honour put-if-absent"):
         Site(on_lax.as_party(keys / "A.key"), ToyWork("A"), tmp_path / "A")
+
+
+def test_an_update_that_would_overflow_the_global_is_refused_alone(tmp_path):
+    # Prepare: FedBuff with a server learning rate of 2 extrapolates; C (10 of 12 cases) sends finite float32
+    # values near the dtype's max, so 2 x 10/12 x 3e38 overflows float32 (every input is finite)
+    fed, _keys, aggregator, sites = make_fed(tmp_path, cases=(1, 1, 10), rounds=2, eta=2.0, aggregation="async")
+    real = sites["C"].work.train_round
+
+    def huge(global_path, epochs, update_path):
+        metrics = real(global_path, epochs, update_path)
+        if "r000000" not in update_path:  # only its first round is hostile
+            return metrics
+        tensors, _ = load_weights(update_path)
+        save_weights(update_path, {k: (torch.full_like(t, 3e38) if t.is_floating_point() else t)
+                                   for k, t in tensors.items()})
+        return metrics
+
+    sites["C"].work.train_round = huge
+    # Execute
+    drive(aggregator, sites)
+    # Assert: C alone is refused, named, and every global is finite
+    reason = aggregator.quarantine.reason(layout.site_update("C", 0))
+    assert reason and "make the aggregate overflow" in reason
+    final = fed.bucket.latest_version()
+    for v in range(1, final + 1):
+        m = fed.bucket.read(layout.global_version(v), GlobalManifest).doc
+        assert layout.site_update("C", 0) not in {c.key for c in m.contributions}
+        path = fed.bucket.get_blob_file(m.blob, str(tmp_path / f"v{v}.safetensors"))
+        assert all(torch.isfinite(t).all() for t in load_weights(path)[0].values())

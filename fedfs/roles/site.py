@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -275,7 +276,8 @@ class Site:
 
             privatize_site_update(self.config, gpath, str(out))
         faults.point("site.mid_training")
-        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        # a diverged round's loss may be inf or NaN: JSON cannot carry it, and the update itself is what is judged
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         metrics.setdefault("round_time_s", time.time() - t0)
         self.state.pending = {"round": round_, "base": base, "path": str(out), "metrics": metrics}
         self.state.training = None
