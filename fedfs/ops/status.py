@@ -210,14 +210,16 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
 
     sites: dict[str, Any] = {}
     digests: dict[str, str] = {}
-    all_plans = {site: r.read(layout.site_plans(site), PlansDocument) for site in c.site_names}
+    def site_files(site: str) -> tuple[Any, Any, list[dict[str, str]], Any]:
+        return (r.read(layout.site_plans(site), PlansDocument), r.read(layout.site_heartbeat(site), Heartbeat),
+                r.rejections(layout.site_status(site), site), _latest_update(r, site, next_rounds.get(site, 0)))
+
+    files = _per_site(site_files, c.site_names, 1 if fed.store.local_path else STATUS_READ_THREADS)
+    all_plans = {site: files[site][0] for site in c.site_names}
     cases = _declared_cases(r, c, all_plans)
     shares = weight_shares(c, cases)
     for site in c.site_names:
-        hb = r.read(layout.site_heartbeat(site), Heartbeat)
-        plans = all_plans[site]
-        own_rejected = r.rejections(layout.site_status(site), site)
-        update = _latest_update(r, site, next_rounds.get(site, 0))
+        plans, hb, own_rejected, update = files[site]
         if hb is not None:
             phase = hb.doc.phase
         elif r.failed(layout.site_heartbeat(site)):
@@ -272,8 +274,24 @@ def collect_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "privacy": _privacy(c, current),
         "sites": sites,
         "rejected": [x for x in rejected_by_agg if not x["key"].startswith(layout.SITES + "/")],
-        "problems": r.problems,
+        "problems": sorted(r.problems, key=lambda p: p["key"]),  # read concurrently: in key order, not arrival
     }
+
+
+#: Sites whose files ``collect_status`` reads at once on network storage: each read is a round trip
+#: there (about 5 per site), so 1,000 sites read one by one take minutes. A local folder is read on
+#: one thread (its reads are CPU-bound: threads only contend for the GIL, 2.7 s vs 1.6 s at N=1,000).
+STATUS_READ_THREADS = 16
+
+
+def _per_site(fn: Any, sites: list[str], threads: int) -> dict[str, Any]:
+    """``{site: fn(site)}``, the sites' reads run on ``threads`` threads."""
+    if len(sites) < 2 or threads < 2:
+        return {s: fn(s) for s in sites}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(sites)), thread_name_prefix="fedfs-status") as pool:
+        return dict(zip(sites, pool.map(fn, sites)))
 
 
 def _privacy(c: FederationConfig, current: Any) -> dict[str, Any]:
