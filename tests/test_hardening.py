@@ -217,3 +217,27 @@ def test_an_update_that_would_overflow_the_global_is_refused_alone(tmp_path):
         assert layout.site_update("C", 0) not in {c.key for c in m.contributions}
         path = fed.bucket.get_blob_file(m.blob, str(tmp_path / f"v{v}.safetensors"))
         assert all(torch.isfinite(t).all() for t in load_weights(path)[0].values())
+
+
+def test_an_overwritten_global_payload_is_named_by_sites_and_restored_by_the_aggregator(tmp_path):
+    # Prepare: v1 is out; someone with write access rewrites its payload in place (same size)
+    fed, _keys, aggregator, sites = make_fed(tmp_path, rounds=2)
+    for _ in range(8):
+        aggregator.step()
+        if fed.bucket.published(layout.global_version(1), GlobalManifest):
+            break
+        for s in sites.values():
+            s.step()
+    v1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
+    good = fed.store.read_bytes(v1.blob.key)
+    bad = bytearray(good)
+    bad[-3] ^= 0x01
+    fed.store.write_bytes(v1.blob.key, bytes(bad))
+    # Execute / Assert: a site says which file fails, and trains nothing from it
+    r = sites["A"].step()
+    assert r.action == "blocked" and v1.blob.key in r.detail and "sha256" in r.detail
+    aggregator.audit.hash_every_s = 0  # the periodic full check is due now
+    aggregator.step()
+    assert fed.store.read_bytes(v1.blob.key) == good
+    assert "restored" in aggregator.quarantine.reason(v1.blob.key)
+    drive(aggregator, sites)  # and the federation finishes

@@ -28,6 +28,7 @@ from ..protocol.rounds import decide_aggregation
 from ..protocol.schema import GlobalManifest, LatestHint
 from ..protocol.timestamps import parse_stamp
 from ..trust.bucket import Signed
+from .audit import PayloadAudit
 from .context import FederationContext
 from .heartbeat import HeartbeatWriter
 from .inputs import MAX_WEIGHTS_BYTES, VerifiedInputs
@@ -60,6 +61,7 @@ class Aggregator:
         self.retention = AggregatorRetention(self.config, self.fed.store, self.work / "cache", self.work)
         self.setup = SetupPhase(fed, self.identity, self.inputs, self.quarantine, self._commit)
         self.liveness = HeartbeatWriter(self.bucket, layout.AGG_HEARTBEAT, self.identity)
+        self.audit = PayloadAudit(self.fed.store, self.work / "cache", self.quarantine)
 
     # ---- reading state ----------------------------------------------------------
     def latest_version(self) -> int | None:
@@ -76,6 +78,9 @@ class Aggregator:
         with self.liveness.alive():
             latest = self.latest_version()
             result = self.setup.step() if latest is None else self._round_step(latest)
+            newest = result.version if result.version is not None else latest
+            if newest is not None and self.audit.run(self.manifest(newest).doc):  # overwritten payloads: restored
+                self.quarantine.flush()
         phase = "waiting" if result.action is Action.WAIT else result.action.value
         self.liveness.beat(phase, result.detail[:300], base_version=-1 if result.version is None else result.version)
         return result
