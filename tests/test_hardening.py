@@ -241,3 +241,30 @@ def test_an_overwritten_global_payload_is_named_by_sites_and_restored_by_the_agg
     assert fed.store.read_bytes(v1.blob.key) == good
     assert "restored" in aggregator.quarantine.reason(v1.blob.key)
     drive(aggregator, sites)  # and the federation finishes
+
+
+def test_hostile_files_at_predictable_keys_cost_rejections_never_a_party(tmp_path):
+    # Prepare: before any round, files nobody needs a key to write, at keys the parties will use
+    fed, _keys, aggregator, sites = make_fed(tmp_path, rounds=2)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge_int = b'{"body": {"round": ' + b"9" * 50_000 + b'}, "signature": "x"}'
+    planted = {
+        layout.site_update("A", 0): deep,  # deeply nested JSON at A's first update key
+        layout.site_update("B", 0): huge_int,  # an integer literal 50,000 digits long
+        layout.slot_candidate(layout.site_update("B", 0), 1): b"\xff\xfe not utf-8",
+        layout.site_update("C", 1): b"",  # empty, at C's second update key
+        layout.global_version(2): b'{"version": 2}',  # unsigned, where v2 belongs
+    }
+    for key, data in planted.items():
+        fed.store.publish(key, data)
+    fed.store.write_bytes(layout.LATEST, b'{"version": "v1", ' * 1000)  # a malformed latest hint
+    # Execute: nobody crashes, and the federation finishes
+    drive(aggregator, sites)
+    # Assert: every planted file is recorded by someone with a reason; every round kept its number
+    rejected = {r.key for r in aggregator.quarantine.records()}
+    for s in sites.values():
+        rejected |= {r.key for r in s.quarantine.records()}
+    assert set(planted) <= rejected, set(planted) - rejected
+    final = fed.bucket.read(layout.global_version(2), GlobalManifest)
+    assert final.key == layout.slot_candidate(layout.global_version(2), 1) and final.doc.final
+    assert sorted((c.site, c.round) for c in final.doc.contributions) == [("A", 1), ("B", 1), ("C", 1)]
