@@ -56,6 +56,9 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "disk used after 20 rounds (bucket, aggregator and site workdirs), retention off and on"),
     ("cli_startup", "cli_startup.py", ("--json",),
      "how fast `fedfs --help` answers, and that it loads neither torch nor nnU-Net"),
+    ("privacy", "privacy.py", ("--json",),
+     "robust rules (median, trimmed mean) against a poisoner and their memory; DP-FedAvg's Dice at three epsilons "
+     "(toy federation)"),
     ("quality", "quality.py", ("--json",),
      "Dice and HD95 of local, centralized, FFE, AsymFedAvg and async FedBuff nnU-Net on a synthetic "
      "multi-site task with an external test site"),
