@@ -83,11 +83,15 @@ class Federation:
         identity: Identity,
         *,
         storage_options: dict[str, Any] | None = None,
+        pretrained_weights: str | os.PathLike[str] | None = None,
     ) -> tuple[Federation, bool]:
         """Write ``federation.json`` once. Returns (federation, created).
 
         A second call with the same settings returns the existing federation
         (``created`` False); with different settings it raises Conflict naming them.
+        ``pretrained_weights`` (an nnU-Net checkpoint, model folder or safetensors, read here)
+        is converted to safetensors, stored as the aggregator's blob (payload first) and named in
+        ``federation.json``; sites start from it (docs/nnunet.md, Pretrained weights).
         """
         store = url if isinstance(url, Store) else open_store(url, storage_options)
         store.check_exclusive("doctor")  # before anything is written: write-once files need put-if-absent
@@ -100,6 +104,9 @@ class Federation:
         if not config.created:
             config = replace(config, created=utcnow())
         config.validate(store.describe(layout.FEDERATION))
+        check_trainable(config)
+        if pretrained_weights is not None:  # the payload before the document that names it
+            config = replace(config, pretrained_weights=_publish_pretrained(store, config, pretrained_weights))
         data = canonical_json(identity.sign(config.to_dict()))
         try:
             store.publish(layout.FEDERATION, data)
@@ -140,6 +147,9 @@ class Federation:
         """A :class:`~fedfs.roles.site.Site` doing ``work`` (e.g. :class:`~fedfs.nnunet.work.NnunetWork`)."""
         from .roles.site import Site
 
+        settle = getattr(work, "settle", None)  # NnunetWork: take federation.json's planner, plans, ...
+        if callable(settle):
+            settle(self)
         return Site(self, work, workdir)
 
     def site_client(self, workdir: str | os.PathLike[str]):
@@ -157,6 +167,85 @@ class Federation:
 
     def __repr__(self) -> str:
         return f"Federation({self.store.url!r}, mode={self.config.mode!r}, sites={self.config.site_names})"
+
+
+def _publish_pretrained(store: Store, config: FederationConfig, path: str | os.PathLike[str]):
+    """Convert ``path`` locally to safetensors and store it content-addressed; return its BlobRef."""
+    import tempfile
+
+    from .nnunet.pretrained import write_pretrained
+
+    with tempfile.TemporaryDirectory(prefix="fedfs-pretrained-") as tmp:
+        out = os.path.join(tmp, "pretrained.safetensors")
+        write_pretrained(path, out)
+        return Bucket(store, config).put_blob_file(layout.aggregator_blob, out)
+
+
+def parse_folds(text: str) -> list[str]:
+    """``--folds``: ``0,1,2,3,4``, a range ``0-4``, or ``all`` (nnU-Net's fold that trains every case);
+    ConfigError otherwise."""
+    from .protocol.schema import FOLDS
+
+    folds: list[str] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if "-" in part and all(x.strip().isdigit() for x in part.split("-", 1)):
+            lo, hi = (int(x) for x in part.split("-", 1))
+            folds += [str(i) for i in range(lo, hi + 1)]
+        elif part:
+            folds.append(part)
+    bad = [f for f in folds if f not in FOLDS]
+    if bad or not folds or len(set(folds)) != len(folds):
+        raise ConfigError(f"--folds {text!r}: give distinct folds among {', '.join(FOLDS)} (e.g. 0-4, 0,2 or all)")
+    return folds
+
+
+def fold_url(url: str, fold: str) -> str:
+    """Where the federation of one fold lives when one ``fedfs init --folds`` makes several: ``URL/fold_K``."""
+    return url.rstrip("/") + f"/fold_{fold}"
+
+
+def create_folds(url: str, config: FederationConfig, identity: Identity, folds: list[str], *,
+                 storage_options: dict[str, Any] | None = None,
+                 pretrained_weights: str | os.PathLike[str] | None = None) -> list[tuple[str, Federation, bool]]:
+    """One federation per fold, sharing every other setting: at ``url`` itself for a single fold, else at
+    ``URL/fold_K`` (:func:`fold_url`). Returns (fold, federation, created) for each. The folds' set-ups
+    repeat the census, fingerprint and plans, which come out identical (sites skip preprocessing again)."""
+    out = []
+    for f in folds:
+        target = url if len(folds) == 1 else fold_url(url, f)
+        fed, created = Federation.create(target, replace(config, fold=f), identity, storage_options=storage_options,
+                                         pretrained_weights=pretrained_weights)
+        out.append((f, fed, created))
+    return out
+
+
+def check_trainable(config: FederationConfig) -> None:
+    """ConfigError for a federation fedfs cannot train: the cascade's configurations (docs/nnunet.md)."""
+    from .protocol.schema import CASCADE_CONFIGURATIONS
+
+    if config.configuration in CASCADE_CONFIGURATIONS:
+        raise ConfigError(f"configuration {config.configuration!r} is not supported in a federation: "
+                          f"{CASCADE_CONFIGURATIONS[config.configuration]}; train 3d_fullres or 2d "
+                          "(docs/nnunet.md, Cascade)")
+
+
+def derive_plans_identifier(planner: str, plans_identifier: str | None = None) -> str:
+    """The plans identifier a federation with ``planner`` trains, as nnU-Net derives it: the one given
+    (``-overwrite_plans_name``), else what the planner writes (schema.PLANNERS; for another planner,
+    the default of its ``plans_name`` when nnU-Net is installed here). ConfigError when unknown."""
+    from .protocol.schema import PLANNERS
+
+    if plans_identifier:
+        return plans_identifier
+    if planner in PLANNERS:
+        return PLANNERS[planner]
+    try:
+        from .nnunet.adapter import planner_plans_identifier
+
+        return planner_plans_identifier(planner)
+    except Exception as exc:  # noqa: BLE001 - nnU-Net absent here, or no such planner
+        raise ConfigError(f"cannot tell which plans identifier planner {planner!r} writes ({exc}); give it "
+                          "with -p/--plans-identifier") from None
 
 
 def _config_differences(a: FederationConfig, b: FederationConfig) -> list[str]:
@@ -215,6 +304,9 @@ def config_from_key_dir(
         settings["dp_delta"] = delta  # without an epsilon: refused by FederationConfig.validate, with the reason
     configuration = check_configuration(settings.pop("configuration", "2d"),
                                         custom=settings.pop("custom_configuration", False))
+    planner = settings.pop("planner", None) or "ExperimentPlanner"
+    settings["plans_identifier"] = derive_plans_identifier(planner, settings.pop("plans_identifier", None))
+    settings["planner"] = planner
     config = FederationConfig(
         federation_id=settings.pop("federation_id", ""),
         mode=settings.pop("mode", "ffe"),

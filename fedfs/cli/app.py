@@ -23,6 +23,7 @@ from .options import (
     align_choice,
     buffer_size_option,
     buffer_trigger_option,
+    init_nnunet_options,
     mode_choice,
     privacy_options,
     role_choice,
@@ -84,9 +85,11 @@ def keygen(name: str, role: str, out_dir: str) -> None:
               help="ffe: one nnU-Net plan from a merged fingerprint; asym: local plans, shared layers averaged; "
                    "fedavg: any PyTorch model, no fingerprint phase.")
 @click.option("-c", "--configuration", default="2d", show_default=True,
-              help="nnU-Net configuration to train: 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres.")
+              help="nnU-Net configuration to train: 2d or 3d_fullres (the cascade, 3d_lowres and "
+                   "3d_cascade_fullres, is refused: docs/nnunet.md).")
 @click.option("--custom-configuration", is_flag=True,
               help="Accept a configuration name outside nnU-Net's standard ones (one your custom planner makes).")
+@init_nnunet_options
 @click.option("--rounds", type=int, default=5, show_default=True)
 @click.option("--local-epochs", type=int, default=1, show_default=True, help="nnU-Net epochs per round.")
 @click.option("--aggregation", type=aggregation_choice, default="sync", show_default=True)
@@ -127,15 +130,17 @@ def init(url: str, sites: str, key_dir: str, storage_options: tuple[str, ...], *
     Example:
       fedfs init s3://fed-bucket/liver --sites A,B,C --keys keys --mode ffe --rounds 20
     """
-    from ..federation import Federation, config_from_key_dir
+    from ..federation import config_from_key_dir, create_folds, parse_folds
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
+    pretrained, folds = settings.pop("pretrained_weights", None), parse_folds(settings.pop("folds"))
     config, identity = config_from_key_dir(key_dir, names, **settings)
-    fed, created = Federation.create(url, config, identity, storage_options=storage_options_of(storage_options))
-    verb = "created" if created else "already initialised (identical settings)"
-    click.echo(f"{fed.store.url}: federation {verb}; sha256 {fed.digest}")
-    click.echo(f"  mode {fed.config.mode}, {fed.config.aggregation}, sites {', '.join(fed.config.site_names)}, "
-               f"aggregator {fed.config.aggregator.name}")
+    for fold, fed, created in create_folds(url, config, identity, folds, pretrained_weights=pretrained,
+                                           storage_options=storage_options_of(storage_options)):
+        verb = "created" if created else "already initialised (identical settings)"
+        click.echo(f"{fed.store.url}: federation {verb}; sha256 {fed.digest}")
+        click.echo(f"  mode {fed.config.mode}, {fed.config.aggregation}, sites {', '.join(fed.config.site_names)}, "
+                   f"aggregator {fed.config.aggregator.name}, fold {fold}, plans {fed.config.plans_name}")
     if fed.config.rule != "fedavg" or fed.config.dp_noise_multiplier:
         from ..privacy.dp import describe
 

@@ -109,11 +109,13 @@ readonly_options = apply([optional_url, pin_storage_config])
 nnunet_options = apply([
     opt("-d", "dataset", required=False, help="nnU-Net dataset id or name, as for nnUNetv2_train."),
     opt("-c", "configuration", default=None, help="nnU-Net configuration (default: the federation's)."),
-    opt("-f", "fold", default="0", show_default=True, help="Fold (0-4 or 'all')."),
+    opt("-f", "fold", default=None, help="Fold (0-4 or 'all'; default: the federation's; another one is an error)."),
     opt("-tr", "trainer", default="nnUNetTrainer", show_default=True,
         help="Trainer class; classes in nnUNet_extTrainer folders are found too."),
-    opt("-p", "plans", default="nnUNetPlans", show_default=True, help="Plans identifier."),
-    opt("-pl", "planner", default="ExperimentPlanner", show_default=True, help="Experiment planner class."),
+    opt("-p", "plans", default=None,
+        help="Plans identifier (default: the federation's; another one is an error)."),
+    opt("-pl", "planner", default=None,
+        help="Experiment planner class (default: the federation's; another one is an error)."),
     opt("-gpu_memory_target", "gpu_memory_target", type=float, default=None, help="GPU memory target (GB) for planning."),
     opt("-device", "device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
         help="As nnUNetv2_train -device (default: cuda). Unset and no CUDA device: the CPU, with a warning "
@@ -128,6 +130,25 @@ nnunet_options = apply([
         help="Override the trainer's 50 validation iterations per epoch."),
     opt("--no-final-validation", "no_final_validation", is_flag=True,
         help="Skip nnU-Net's final validation after the last round."),
+])
+
+#: What `fedfs init` fixes for every site's nnU-Net (federation.json).
+init_nnunet_options = apply([
+    click.option("-pl", "--planner", default="ExperimentPlanner", show_default=True,
+                 help="nnU-Net experiment planner every site plans with, e.g. nnUNetPlannerResEncM (ResEnc "
+                      "presets M/L/XL; docs/nnunet.md)."),
+    click.option("-p", "--plans-identifier", "plans_identifier", default=None,
+                 help="Plans identifier every site trains (default: the one the planner writes, e.g. "
+                      "nnUNetResEncUNetMPlans for nnUNetPlannerResEncM; another name is passed to the planner as "
+                      "-overwrite_plans_name)."),
+    click.option("--folds", default="0", show_default=True,
+                 help="nnU-Net fold(s) to train: 0-4, a list such as 0,2, or all. Several folds make one federation "
+                      "per fold at URL/fold_K, with the same settings (docs/nnunet.md, Folds)."),
+    click.option("--pretrained-weights", "pretrained_weights", default=None, type=click.Path(exists=True),
+                 help="Start from these weights (nnUNetv2_train -pretrained_weights): an nnU-Net checkpoint "
+                      "(.pth, read here with weights_only=True), an exported model folder or .safetensors; stored "
+                      "in the bucket as safetensors, checked by each site against its plans (segmentation heads "
+                      "of another label count are skipped)."),
 ])
 
 watch_options = apply([

@@ -89,7 +89,6 @@ def make_site(url: str | None, key: str | None, workdir: str | None, federation_
     import dataclasses
 
     from ..nnunet.work import NnunetOptions, NnunetWork
-    from ..roles.site import Site
 
     fed = open_party(url, key, federation_digest, storage_options)
     if not dataset:
@@ -101,7 +100,7 @@ def make_site(url: str | None, key: str | None, workdir: str | None, federation_
     fields = {f.name for f in dataclasses.fields(NnunetOptions)}
     options = NnunetOptions(dataset=str(dataset), configuration=conf, validate=not no_final_validation,
                             **{k: v for k, v in nnunet.items() if k in fields})
-    return Site(fed, NnunetWork(options, mode=fed.config.mode), default_workdir(workdir, fed))
+    return fed.site(NnunetWork(options, mode=fed.config.mode), default_workdir(workdir, fed))  # settles -pl/-p
 
 
 @click.group(context_settings=CONTEXT)

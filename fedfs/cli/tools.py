@@ -87,9 +87,9 @@ def simulate(site_specs, bucket, workdir, as_json, timeout_s, no_final_validatio
 @common
 @opt("-d", "dataset", required=False, help="This site's nnU-Net dataset id or name.")
 @opt("-c", "configuration", default=None)
-@opt("-f", "fold", default="0", show_default=True)
+@opt("-f", "fold", default=None, help="Fold folder to write (default: the federation's).")
 @opt("-tr", "trainer", default="nnUNetTrainer", show_default=True)
-@opt("-p", "plans", default="nnUNetPlans", show_default=True)
+@opt("-p", "plans", default=None, help="Plans identifier (default: the federation's).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Model folder to write (or nnUNet_results root with --results-layout).")
 @click.option("--results-layout", is_flag=True,

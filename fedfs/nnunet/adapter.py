@@ -35,7 +35,8 @@ from ..fl.fingerprint import DEFAULT_MANTISSA_BITS, DEFAULT_MAX_EXACT_VALUES, Si
 
 __all__ = [
     "nnunet_version", "dataset_name", "count_cases", "check_dataset", "site_census", "site_summary",
-    "local_fingerprint", "install_fingerprint", "plan", "plan_and_preprocess", "ct_normalize",
+    "local_fingerprint", "install_fingerprint", "planner_class", "planner_plans_identifier", "plan",
+    "plan_and_preprocess", "preprocess", "ct_normalize",
 ]
 
 _PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -256,6 +257,32 @@ def install_fingerprint(dataset: int | str, fingerprint: Mapping[str, Any]) -> s
     return target
 
 
+def planner_class(planner: str) -> type:
+    """nnU-Net's experiment planner class called ``planner``, found as ``nnUNetv2_plan_experiment -pl`` finds it."""
+    _require_nnunet()
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    with _step(f"look up the experiment planner {planner!r}"):
+        cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"),
+                                          planner, current_module="nnunetv2.experiment_planning")
+    if cls is None:
+        raise NnunetError(f"nnU-Net has no experiment planner called {planner!r}")
+    return cls
+
+
+def planner_plans_identifier(planner: str) -> str:
+    """The plans identifier ``planner`` writes when not told otherwise: the default of its ``plans_name``
+    (``-pl nnUNetPlannerResEncM`` writes ``nnUNetResEncUNetMPlans``), as ``nnUNetv2_plan_experiment``
+    derives it when ``-overwrite_plans_name`` is not given."""
+    import inspect
+
+    default = inspect.signature(planner_class(planner).__init__).parameters.get("plans_name")
+    if default is None or not isinstance(default.default, str):
+        raise NnunetError(f"experiment planner {planner!r} has no default plans_name; give the plans identifier")
+    return default.default
+
+
 def plan(dataset: int | str, planner: str = "ExperimentPlanner", gpu_memory_target: float | None = None,
          overwrite_plans_name: str | None = None, preprocessor: str = "DefaultPreprocessor") -> dict:
     """Run nnU-Net's experiment planner on the installed fingerprint; return the plans file.
@@ -266,12 +293,7 @@ def plan(dataset: int | str, planner: str = "ExperimentPlanner", gpu_memory_targ
     """
     paths = _paths("nnUNet_raw", "nnUNet_preprocessed")
     name = dataset_name(dataset)
-    import nnunetv2
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-    planner_class = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"),
-                                                planner, current_module="nnunetv2.experiment_planning")
-    if planner_class is None:
-        raise NnunetError(f"nnU-Net has no experiment planner called {planner!r}")
+    cls = planner_class(planner)
     kwargs: dict[str, Any] = {}
     if overwrite_plans_name is not None:
         kwargs["plans_name"] = overwrite_plans_name
@@ -283,7 +305,7 @@ def plan(dataset: int | str, planner: str = "ExperimentPlanner", gpu_memory_targ
     if saved_da == "0":
         os.environ["nnUNet_n_proc_DA"] = "1"
     try:
-        return _plan(planner_class, name, preprocessor, kwargs, planner, paths)
+        return _plan(cls, name, preprocessor, kwargs, planner, paths)
     finally:
         if saved_da is not None:
             os.environ["nnUNet_n_proc_DA"] = saved_da
@@ -318,12 +340,19 @@ def plan_and_preprocess(dataset: int | str, configurations: Sequence[str] = ("2d
         _verify_integrity(name, os.path.join(paths["nnUNet_raw"], name), n_proc)
     plans = plan(dataset, planner, gpu_memory_target, overwrite_plans_name)
     if configurations:
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-        from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
-        with _step(f"preprocess {name} ({', '.join(configurations)})"):
-            preprocess_dataset(convert_dataset_name_to_id(name), plans["plans_name"], list(configurations),
-                               [n_proc] * len(configurations), verbose=False, show_progress_bar=False)
+        preprocess(dataset, plans["plans_name"], configurations, n_proc)
     return plans
+
+
+def preprocess(dataset: int | str, plans_name: str, configurations: Sequence[str], num_processes: int | None = None) -> None:
+    """``nnUNetv2_preprocess -plans_name P -c ...``: nnU-Net's preprocessing with plans already written."""
+    name = dataset_name(dataset)
+    n_proc = _default_processes(num_processes)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+    with _step(f"preprocess {name} ({', '.join(configurations)})"):
+        preprocess_dataset(convert_dataset_name_to_id(name), plans_name, list(configurations),
+                           [n_proc] * len(configurations), verbose=False, show_progress_bar=False)
 
 
 def ct_normalize(values: np.ndarray, intensity_properties: Mapping[str, float]) -> np.ndarray:

@@ -8,10 +8,13 @@ Glue between the site role and the nnU-Net adapter modules
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import NnunetError
 
 log = logging.getLogger("fedfs.nnunet")
 
@@ -22,10 +25,10 @@ class NnunetOptions:
 
     dataset: str
     configuration: str = "2d"
-    fold: int | str = 0
+    fold: int | str | None = None  # -f; None: the federation's (0 outside one)
     trainer: str = "nnUNetTrainer"  # -tr
-    plans: str = "nnUNetPlans"  # -p (and -overwrite_plans_name when planning)
-    planner: str = "ExperimentPlanner"  # -pl
+    plans: str | None = None  # -p (and -overwrite_plans_name when planning); None: what the planner writes
+    planner: str | None = None  # -pl; None: the federation's (ExperimentPlanner outside one)
     gpu_memory_target: float | None = None  # -gpu_memory_target
     device: str = "cpu"  # -device
     num_processes: int | None = None  # -np (preprocessing)
@@ -37,8 +40,35 @@ class NnunetOptions:
     validation_processes: int | None = None
 
 
+def settle_options(options: NnunetOptions, config: Any) -> NnunetOptions:
+    """``options`` with the federation's nnU-Net settings (``federation.json``: planner, plans identifier)
+    filled in; a site option that contradicts them is a :class:`ConfigError` naming both. FFE needs
+    every site to plan alike, and a plans identifier that is not the planner's would train another
+    network than the one whose digest the site publishes."""
+    from ..errors import ConfigError
+
+    planner = getattr(config, "planner", None) or "ExperimentPlanner"
+    plans = config.plans_name if hasattr(config, "plans_name") else ""
+    if options.planner not in (None, planner):
+        raise ConfigError(f"-pl {options.planner}: this federation plans with {planner} (federation.json); "
+                          "drop -pl, or ask the coordinator for a federation with that planner")
+    if options.plans not in (None, "") and plans and options.plans != plans:
+        raise ConfigError(f"-p {options.plans}: this federation trains the plans {plans} (federation.json, from "
+                          f"planner {planner}); drop -p")
+    fold = str(getattr(config, "fold", "0"))
+    if options.fold is not None and str(options.fold) != fold:
+        raise ConfigError(f"-f {options.fold}: this federation trains fold {fold} (federation.json); each fold is "
+                          "its own federation (docs/nnunet.md, Folds): drop -f or open that fold's federation")
+    return dataclasses.replace(options, planner=planner, plans=plans or options.plans,
+                               fold=int(fold) if fold.isdigit() else fold)
+
+
 class NnunetWork:
-    """A site's nnU-Net: one dataset, one configuration, one fold."""
+    """A site's nnU-Net: one dataset, one configuration, one fold.
+
+    The trainer is always built from the plans this work planned (or, after a restart, the plans
+    this site published): never from another plans file that happens to lie in
+    ``nnUNet_preprocessed`` under a default name."""
 
     def __init__(self, options: NnunetOptions, mode: str = "ffe") -> None:
         self.o = options
@@ -46,6 +76,35 @@ class NnunetWork:
         self.session = None
         self._num_cases: int | None = None
         self._progress: int | None = None  # the federation's progress in epochs (follow_progress)
+        self._planned_digest: str | None = None  # the digest plan() returned (published by the site)
+        self._fed: Any = None
+
+    def settle(self, fed: Any) -> None:
+        """Take the federation's nnU-Net settings (:func:`settle_options`); called by
+        :meth:`fedfs.Federation.site`. ``fed`` also lets :meth:`start` compare the trainer's plans
+        with the digest this site published, after a restart."""
+        self.o = settle_options(self.o, fed.config)
+        self.mode = fed.config.mode
+        self._fed = fed
+
+    @property
+    def planner(self) -> str:
+        return self.o.planner or "ExperimentPlanner"
+
+    @property
+    def plans_identifier(self) -> str:
+        """nnU-Net's ``-p``: the option, else what the planner writes (asked of nnU-Net for planners
+        fedfs has no table entry for)."""
+        if not self.o.plans:
+            from ..protocol.schema import PLANNERS
+
+            known = PLANNERS.get(self.planner)
+            if known is None:
+                from .adapter import planner_plans_identifier
+
+                known = planner_plans_identifier(self.planner)
+            self.o = dataclasses.replace(self.o, plans=known)
+        return self.o.plans
 
     @property
     def num_cases(self) -> int:
@@ -83,18 +142,91 @@ class NnunetWork:
             nn.install_fingerprint(self.o.dataset, global_fingerprint)
         else:
             nn.local_fingerprint(self.o.dataset, num_processes=self.o.num_processes_fingerprint)
-        plans = nn.plan_and_preprocess(
-            self.o.dataset, [self.o.configuration], planner=self.o.planner,
-            gpu_memory_target=self.o.gpu_memory_target,
-            overwrite_plans_name=None if self.o.plans == "nnUNetPlans" else self.o.plans,
-            num_processes=self.o.num_processes, verify_dataset_integrity=self.o.verify_dataset_integrity)
+        identifier = self.plans_identifier
+        derived = nn.planner_plans_identifier(self.planner)
+        if self.o.verify_dataset_integrity:
+            nn.plan_and_preprocess(self.o.dataset, [], num_processes=self.o.num_processes,
+                                   verify_dataset_integrity=True, planner=self.planner,
+                                   gpu_memory_target=self.o.gpu_memory_target,
+                                   overwrite_plans_name=None if identifier == derived else identifier)
+        plans = nn.plan(self.o.dataset, self.planner, self.o.gpu_memory_target,
+                        None if identifier == derived else identifier)
+        if plans.get("plans_name") != identifier:
+            raise NnunetError(f"planner {self.planner} wrote plans {plans.get('plans_name')!r}, expected "
+                              f"{identifier!r}")
+        self._preprocess(plans)
         summary = plans_summary(plans, self.o.configuration)
         summary["nnunet_version"] = nn.nnunet_version()
-        summary["planner"] = self.o.planner
+        summary["planner"] = self.planner
         if self.mode == "ffe":
             # derived from the global fingerprint everyone holds: lets the aggregator name differing fields
             summary["plans"] = plans
-        return plans["plans_name"], summary, plans_digest(plans)
+        self._planned_digest = plans_digest(plans)
+        return identifier, summary, self._planned_digest
+
+    def _preprocess(self, plans: dict[str, Any]) -> None:
+        """nnU-Net's preprocessing of the configuration, skipped when the same plans were already
+        preprocessed for the same cases (a marker says so): the fold federations of
+        one dataset (docs/nnunet.md, Folds) plan alike, and preprocessing is the costly part. The
+        marker lies beside nnU-Net's data folder and names the plans digest and the cases."""
+        import json
+
+        from . import adapter as nn
+        from ..fl.plans import plans_digest
+
+        conf = plans.get("configurations", {}).get(self.o.configuration)
+        if conf is None:  # the planner made no such configuration: let nnU-Net say so
+            nn.preprocess(self.o.dataset, plans["plans_name"], [self.o.configuration], self.o.num_processes)
+            return
+        from .adapter import _raw_dataset
+
+        name, _, _, cases = _raw_dataset(self.o.dataset)
+        # beside the data folder, not in it: nnU-Net infers the dataset format from the file endings there
+        marker = os.path.join(os.environ["nnUNet_preprocessed"], name,
+                              f".fedfs-preprocessed-{conf.get('data_identifier', '')}.json")
+        want = {"plans": plans_digest(plans), "configuration": self.o.configuration, "cases": sorted(cases)}
+        try:
+            with open(marker) as f:
+                if json.load(f) == want:
+                    log.info("%s: already preprocessed with these plans (%s); not preprocessing again", name,
+                             want["plans"][:12])
+                    return
+        except (OSError, ValueError):
+            pass
+        nn.preprocess(self.o.dataset, plans["plans_name"], [self.o.configuration], self.o.num_processes)
+        tmp = marker + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(want, f)
+        os.replace(tmp, marker)
+
+    def _published_digest(self) -> str | None:
+        """The plans digest to hold the trainer to: this run's plan(), else this site's published plans."""
+        if self._planned_digest is not None or self._fed is None or self._fed.identity is None:
+            return self._planned_digest
+        from ..errors import NotFound
+        from ..protocol import layout
+        from ..protocol.schema import PlansDocument
+
+        try:
+            return self._fed.bucket.read(layout.site_plans(self._fed.identity.name), PlansDocument).doc.digest
+        except NotFound:
+            return None
+
+    def _check_trainer_plans(self) -> None:
+        """The trainer's plans are the ones published: same identifier, same digest (else NnunetError)."""
+        from ..fl.plans import plans_digest
+
+        t = self.session.trainer
+        held = t.plans_manager.plans
+        if t.plans_manager.plans_name != self.plans_identifier:
+            raise NnunetError(f"the trainer holds plans {t.plans_manager.plans_name!r}, the federation trains "
+                              f"{self.plans_identifier!r}")
+        digest = self._published_digest()
+        if digest is not None and plans_digest(held) != digest:
+            raise NnunetError(f"{self.plans_identifier}.json in nnUNet_preprocessed (digest "
+                              f"{plans_digest(held)[:12]}) is not the plans this site published ({digest[:12]}): "
+                              "it was replaced since planning (another nnUNetv2_plan_and_preprocess?); restore it "
+                              "or start this site afresh")
 
     def start(self, total_epochs: int) -> None:
         if self.session is not None:
@@ -102,9 +234,16 @@ class NnunetWork:
         from .training import NnunetSession
 
         self.session = NnunetSession.create(
-            self.o.dataset, self.o.configuration, self.o.fold, self.o.trainer, self.o.plans, self.o.device,
+            self.o.dataset, self.o.configuration, 0 if self.o.fold is None else self.o.fold, self.o.trainer,
+            self.plans_identifier, self.o.device,
             total_epochs=total_epochs, iterations_per_epoch=self.o.iterations_per_epoch,
             val_iterations=self.o.val_iterations)
+        try:
+            self._check_trainer_plans()
+        except NnunetError:
+            self.close()
+            self.session = None
+            raise
         threads = os.environ.get("FEDFS_TORCH_THREADS")
         if threads:  # several sites sharing one machine (fedfs simulate): don't oversubscribe the cores
             import torch
@@ -118,9 +257,29 @@ class NnunetWork:
         return self.session.epoch if self.session is not None else 0
 
     def initial_weights(self, path: str) -> None:
+        """The network's starting weights: the federation's pretrained weights where it names them
+        (loaded after shape checks against this site's plans), else nnU-Net's initialisation."""
         from ..weights.tensors import save_weights
 
-        save_weights(path, self.session.weights(), {"kind": "initial", "trainer": self.o.trainer})
+        meta = {"kind": "initial", "trainer": self.o.trainer}
+        ref = getattr(getattr(self._fed, "config", None), "pretrained_weights", None)
+        if ref is not None:
+            meta["pretrained"] = ref.sha256
+            self._load_pretrained(ref, os.path.join(os.path.dirname(path), f"pretrained-{ref.sha256}.safetensors"))
+        save_weights(path, self.session.weights(), meta)
+
+    def _load_pretrained(self, ref: Any, local: str) -> None:
+        from ..weights.tensors import load_weights
+        from .pretrained import apply_pretrained
+
+        if not os.path.exists(local):
+            self._fed.bucket.get_blob_file(ref, local)  # verified against federation.json's sha256
+        tensors, _ = load_weights(local)
+        report = apply_pretrained(self.session.trainer, tensors, partial=self.mode == "asym")
+        log.info("pretrained weights %s: %d tensors loaded, %d segmentation head tensor(s) skipped (another label "
+                 "count), %d kept from nnU-Net's initialisation", ref.sha256[:12], report["loaded"],
+                 report["skipped_heads"], report["kept"])
+        self.pretrained_report = report
 
     def follow_progress(self, epoch: int) -> None:
         """The federation's progress in epochs (base version x local epochs): the next round's

@@ -37,14 +37,21 @@ def final_manifest(fed: Federation, *, require_final: bool = True) -> Signed[Glo
 
 
 def export_site_model(fed: Federation, site: str, dataset: str, out_dir: str | os.PathLike[str], *,
-                      configuration: str | None = None, fold: int | str = 0, trainer: str = "nnUNetTrainer",
-                      plans: str = "nnUNetPlans", in_results: str | os.PathLike[str] | None = None,
+                      configuration: str | None = None, fold: int | str | None = None, trainer: str = "nnUNetTrainer",
+                      plans: str | None = None, in_results: str | os.PathLike[str] | None = None,
                       require_final: bool = True) -> Path:
     """Write ``site``'s final model; with ``in_results``, under nnU-Net's results layout there
-    (so ``nnUNetv2_predict -d`` finds it) and return that folder."""
+    (so ``nnUNetv2_predict -d`` finds it) and return that folder. ``plans`` defaults to the plans
+    identifier the federation trains (federation.json); another one is a ConfigError. ``fold``
+    defaults to the federation's."""
     from ..nnunet.inference import ModelSpec, export_model_folder, model_folder_in_results
     from ..weights.tensors import load_weights
 
+    federation_plans = fed.config.plans_name or plans
+    if plans and federation_plans and plans != federation_plans:
+        raise ConfigError(f"-p {plans}: this federation trains the plans {federation_plans} (federation.json)")
+    plans = plans or federation_plans or "nnUNetPlans"
+    fold = fed.config.fold if fold is None else fold  # the federation's fold (docs/nnunet.md, Folds)
     try:
         manifest = final_manifest(fed, require_final=require_final)
     except NotFound:

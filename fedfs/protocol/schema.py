@@ -44,6 +44,8 @@ PLANNERS = {
     "ResEncUNetPlanner": "nnUNetResEncUNetPlans",
 }
 DEFAULT_PLANNER = "ExperimentPlanner"
+#: nnU-Net's folds (``-f``): the five cross-validation folds, or ``all`` (every case trains).
+FOLDS = ("0", "1", "2", "3", "4", "all")
 _CLASS_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _PLANS_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -116,6 +118,8 @@ class FederationConfig(Document):
     secure_aggregation: bool = False  # SecAgg+ over the bucket (fedfs.privacy.secagg): the aggregator learns only sums
     planner: str = DEFAULT_PLANNER  # nnU-Net's -pl, the same at every site
     plans_identifier: str = ""  # nnU-Net's -p; "": what the planner writes (see plans_name)
+    pretrained_weights: BlobRef | None = None  # safetensors every site loads before its initial weights (v0)
+    fold: str = "0"  # nnU-Net's -f every site trains (one fold per federation; docs/nnunet.md, Folds)
     created: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -148,6 +152,11 @@ class FederationConfig(Document):
                 f"{self.planner}: a site would train another planner's plans (leave it empty to derive it)")
         self._validate_privacy(where)
         self._validate_secure_aggregation(where)
+        require(self.fold in FOLDS, where, f"fold must be one of {FOLDS}, got {self.fold!r}")
+        if self.pretrained_weights is not None:
+            self.pretrained_weights.validate(where)
+            require(self.pretrained_weights.key.endswith(".safetensors"), where,
+                    "pretrained_weights must be a safetensors blob (nothing pickled crosses the bucket)")
         require(len(self.sites) >= 1, where, "a federation needs at least one site")
         check_name(self.aggregator.name, "aggregator name")
         require(self.aggregator.role == "aggregator", where, "aggregator entry must have role 'aggregator'")
