@@ -306,7 +306,25 @@ def render_faults(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {"quality": render_quality, "faults": render_faults}
+def render_privacy(data: Mapping[str, Any]) -> list[str]:
+    """The targets, then each section's own rows (robust rules, their memory, DP) and its scalar figures."""
+    lines = targets_table(data)
+    for name, sec in data.items():
+        if not isinstance(sec, dict) or name in ("targets", "errors"):
+            continue
+        lines += [f"Section `{name}`:", ""]
+        if isinstance(sec.get("rows"), list) and sec["rows"]:
+            lines += rows_table(sec["rows"]) + [""]
+        scalars = flat_scalars(sec, skip=("rows",))
+        if scalars:
+            lines += table(["field", "value"], [[f"`{k}`", v] for k, v in scalars[:30]]) + [""]
+    for name, err in (data.get("errors") or {}).items():
+        lines += [f"Section `{name}` failed: `{_fmt(err)}`", ""]
+    return lines
+
+
+RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {"quality": render_quality, "faults": render_faults,
+                                                                  "privacy": render_privacy}
 
 
 def render_page(records: Mapping[str, Mapping[str, Any]], mach: Mapping[str, Any]) -> str:
