@@ -59,6 +59,9 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("privacy", "privacy.py", ("--json",),
      "robust rules (median, trimmed mean) against a poisoner and their memory; DP-FedAvg's Dice at three epsilons "
      "(toy federation)"),
+    ("simulation", "simulation.py", ("--json", "--quick"),
+     "seeded fault schedules (crashes, failed, slow and repeated calls, listing lag, clock skew) over the real "
+     "roles: invariant violations"),
     ("quality", "quality.py", ("--json",),
      "Dice and HD95 of local, centralized, FFE, AsymFedAvg and async FedBuff nnU-Net on a synthetic "
      "multi-site task with an external test site"),
