@@ -244,3 +244,51 @@ def test_the_federation_stops_before_the_budget_is_exceeded(tmp_path):
     page = render_html(d, {})
     assert "Privacy and robustness" in page and "Epsilon (cumulative)" in page
     assert f"{docs[1].report['dp']['epsilon']:.4g}" in page
+
+
+def test_a_crashed_dp_round_is_trained_again_not_recovered_unnoised(tmp_path):
+    """A site killed after training (before its record): the trainer's checkpoint holds the round, but
+    an update written from it would skip the noise, so under DP the site trains the round again."""
+    from fedfs.roles import faults
+    from fedfs.roles.loop import run_loop
+    from fedfs.roles.site import Site
+    from fedfs.testing.toy import ToyWork, toy_federation
+
+    class Recovering(ToyWork):
+        recovered = 0
+
+        def __init__(self, name, **kw):
+            super().__init__(name, **{**kw, "steps": 1})
+
+        def recover_round(self, epoch_before, epochs, update_path):  # what NnunetWork does: from its checkpoint
+            Recovering.recovered += 1
+            self.initial_weights(update_path)
+            return True
+
+    fed, agg, sites = toy_federation(tmp_path, "AB", work=Recovering, mode="fedavg", rounds=1, weighting="uniform",
+                                     dp_epsilon=4.0, dp_clip=0.5, dp_delta=1e-5,
+                                     dp_noise_multiplier=dp.noise_multiplier_for(4.0, 1e-5, 1))
+
+    class Crash(Exception):
+        pass
+
+    def crash(name):
+        if name == "site.mid_training":
+            raise Crash(name)
+
+    for p in (sites["A"], sites["B"], agg):  # both plan, then v0
+        run_loop(p.step)
+    previous = faults.set_hook(crash)
+    try:
+        with pytest.raises(Crash):
+            for _ in range(4):
+                run_loop(sites["A"].step)
+    finally:
+        faults.set_hook(previous)
+    a = Site(fed.as_party(tmp_path / "keys" / "A.key"), Recovering("A", seed=0), tmp_path / "A")  # restarted
+    for _ in range(6):
+        for p in (agg, a, sites["B"]):
+            run_loop(p.step)
+    assert a.state.finished and Recovering.recovered == 0
+    with safe_open(str(tmp_path / "A" / "updates" / "r000000.safetensors"), framework="pt") as f:
+        assert "fedfs_dp" in f.metadata()
