@@ -216,3 +216,20 @@ def test_a_scaled_poisoning_update_moves_fedavg_but_not_the_robust_rules(tmp_pat
         assert dist[rule] < spread, (rule, dist, spread)  # not moved beyond the honest updates' own spread
         g = flat(results[rule][0])
         assert np.all(g >= H.min(axis=0) - 1e-6) and np.all(g <= H.max(axis=0) + 1e-6)  # every coordinate
+
+
+def test_fedfs_init_stores_the_rule_and_refuses_it_with_secure_aggregation(tmp_path):
+    from click.testing import CliRunner
+
+    from fedfs.cli import main
+    from fedfs.federation import Federation
+
+    _config(tmp_path)  # the keys
+    args = ["init", str(tmp_path / "fed"), "--sites", "A,B,C", "--keys", str(tmp_path / "keys"), "--mode", "fedavg"]
+    out = CliRunner().invoke(main, args + ["--rule", "trimmed_mean", "--trim-fraction", "0.34"])
+    assert out.exit_code == 0, out.output
+    c = Federation.open(str(tmp_path / "fed")).config
+    assert (c.rule, c.trim_fraction) == ("trimmed_mean", 0.34) and "rule trimmed_mean (trim 0.34" in out.output
+    bad = CliRunner().invoke(main, ["init", str(tmp_path / "bad"), *args[2:], "--rule", "median",
+                                    "--secure-aggregation"])
+    assert bad.exit_code != 0 and "cannot be combined with secure aggregation" in f"{bad.output}{bad.exception}"
