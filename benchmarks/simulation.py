@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="one seed (with --replay)")
     ap.add_argument("--replay", action="store_true", help="run --seed once and print its verdict")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="-v: the trace; -vv: the roles' logs too")
-    ap.add_argument("--exclude", action="append", default=[], metavar="KIND",
-                    help="turn a fault kind off (to explore past a known violation; the targets then fail)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="KIND[:CLASS]",
+                    help="turn a fault kind off, or off on one class of file (repeat:probe), to explore past a "
+                         "known violation (the targets then fail)")
     ap.add_argument("--quick-schedules", action="store_true", help="the cheap schedules the test suite runs")
     args = ap.parse_args(argv)
     if args.replay or args.seed is not None:
