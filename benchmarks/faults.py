@@ -754,6 +754,9 @@ class Hostile:
         own = key is None
         key = key or layout.slot_candidate(layout.site_update(HOSTILE_SITE, self.next_round), self.next_alt)
         self.store.publish(key, data)
+        parsed = layout.parse_update_key(key)
+        if parsed is not None:  # as a site does, so the aggregator's poll looks there (layout.INBOX)
+            self.store.write_bytes(layout.inbox_marker(*parsed), b"")
         if own:
             try:
                 self.bucket.read_exact(key, UpdateManifest)
@@ -1040,6 +1043,8 @@ def weakness_probes(be: Backend, root: Path) -> list[dict[str, Any]]:
     ref = b.put_blob_file(lambda sha, ext: layout.site_blob(HOSTILE_SITE, sha, ext), str(own))
     b.publish(layout.site_update(HOSTILE_SITE, 1), UpdateManifest(site=HOSTILE_SITE, round=1, base_version=0, blob=ref,
                                                                   num_cases=10**6), m)
+    for r in (0, 1):  # the aggregator's poll looks where markers say (fedfs.protocol.layout.INBOX)
+        store.write_bytes(layout.inbox_marker(HOSTILE_SITE, r), b"")
     agg.step()
     v1 = b.read(layout.global_version(1), GlobalManifest).doc
     listed = [(c.site, c.round, round(c.weight, 3)) for c in v1.contributions]

@@ -111,6 +111,7 @@ def test_a_payload_must_lie_in_the_signers_folder_even_when_cached(tmp_path):
     ghost = BlobRef(key=layout.site_blob("C", a0.blob.sha256), sha256=a0.blob.sha256, size=a0.blob.size)
     c.bucket.publish(layout.site_update("C", 1), UpdateManifest(site="C", round=1, base_version=1, blob=ghost,
                                                                 num_cases=1), c.identity)
+    c.store.write_bytes(layout.inbox_marker("C", 1), b"")  # as a site does after publishing (the poll's hint)
     sites["C"].state.updates_sent = 2  # the real C does not send r1 itself
     sites["C"].state.last_base = 1
     # Execute

@@ -150,6 +150,30 @@ AGG_HEARTBEAT = AGG_PREFIX + "heartbeat.json"
 GLOBALS_PREFIX = AGG_PREFIX + "globals/"
 
 
+#: Hints for the aggregator's constant-cost poll: a site drops ``inbox/<site>.rNNNNNN`` (empty,
+#: unsigned) after publishing that update; the aggregator lists ``inbox/`` once per poll (1,000
+#: markers per S3 LIST request), probes only those sites, and deletes the markers it read. A lost
+#: marker only delays: the aggregator also probes every site now and then (``FULL_SCAN_EVERY_S``).
+INBOX = "inbox/"
+_MARKER_RE = re.compile(r"^inbox/([A-Za-z0-9][A-Za-z0-9_.-]*)\.r(\d{6,})$")
+
+
+def inbox_marker(site: str, round_: int) -> str:
+    """The marker a site drops after publishing its ``round_``-th update."""
+    return f"{INBOX}{check_name(site)}.{_r(round_)}"
+
+
+def parse_inbox_marker(key: str) -> tuple[str, int] | None:
+    """``inbox/A.r000003`` -> ("A", 3); None for anything else (junk in the inbox is ignored)."""
+    m = _MARKER_RE.match(key) if isinstance(key, str) else None
+    if not m:
+        return None
+    try:
+        return check_name(m.group(1)), int(m.group(2))
+    except InvalidName:
+        return None
+
+
 def global_version(version: int) -> str:
     """The manifest of global model ``version`` (v0 is the initial model)."""
     return GLOBALS_PREFIX + f"{_v(version)}.json"

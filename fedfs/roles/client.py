@@ -148,4 +148,7 @@ class SiteClient:
         doc = UpdateManifest(site=self.name, round=r, base_version=base, blob=ref, num_cases=num_cases,
                              plans_digest=self.digest, metrics={k: float(v) for k, v in (metrics or {}).items()})
         self.fed.bucket.publish(layout.site_update(self.name, r), doc, self.identity)
+        from .site import drop_marker
+
+        drop_marker(self.fed.store, self.name, r)
         return doc

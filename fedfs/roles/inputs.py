@@ -11,13 +11,15 @@ land together. A refused update goes to the :class:`~fedfs.roles.quarantine.Quar
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotFound, ValidationError
+from ..errors import FedfsError, NotFound, ValidationError
 from ..protocol import layout
 from ..protocol.rounds import Pending
 from ..protocol.schema import BlobRef, Census, GlobalManifest, PlansDocument, UpdateManifest
@@ -32,6 +34,12 @@ MAX_WEIGHTS_BYTES = 4 * 1024**3
 
 #: (site, round, key, verified manifest) of one update found by a scan.
 _Found = tuple[str, int, str, Signed[UpdateManifest]]
+
+log = logging.getLogger("fedfs.roles.inputs")
+
+#: How often the aggregator probes every site's next update regardless of the inbox (a marker lost to a
+#: crash between a site's manifest and its marker, or to a policy that denies ``inbox/``, only delays).
+FULL_SCAN_EVERY_S = 300.0
 
 
 class VerifiedInputs:
@@ -52,6 +60,8 @@ class VerifiedInputs:
         self._rejected_bases: dict[str, tuple[str, int]] = {}  # rejected update key -> (site, base version)
         self._verified: dict[str, tuple[str, str]] = {}  # update key -> (manifest sha256, verified local file)
         self._fetch_locks: dict[str, threading.Lock] = {}
+        self._missing: dict[str, int] = {}  # site -> the round found missing at its last probe
+        self._full_at: float | None = None  # when every site was last probed (None: never)
         self._fetch_locks_guard = threading.Lock()
 
     # ---- globals, plans, architectures --------------------------------------------
@@ -162,12 +172,16 @@ class VerifiedInputs:
         scan release the GIL), so several updates landing together cost about one update's time."""
         found: list[_Found] = []
         cursor: dict[str, int] = {}
+        due, markers = self._due_sites()
         for site in self.config.site_names:
             r = next_rounds.get(site, 0)
             while True:
+                if site not in due and r >= self._missing.get(site, -1) >= 0:
+                    break  # known missing at the last probe, and no marker since: no request
                 try:  # the slot's value: junk at the key is recorded and skipped, the round stays r
                     signed = self.bucket.read(layout.site_update(site, r), UpdateManifest)
                 except NotFound:
+                    self._missing[site] = r
                     break
                 key = signed.key
                 if key in self.quarantine:  # a valid manifest whose update was refused (before a restart, say)
@@ -192,7 +206,32 @@ class VerifiedInputs:
                 self._verified[key] = (signed.raw_sha256, result)
             pending.append(Pending(site, r, signed.doc.base_version, key))
             local[key] = (signed.doc, self._verified[key][1])
+        self._clear(markers)
         return pending, cursor, local
+
+    def _due_sites(self) -> tuple[set[str], list[str]]:
+        """The sites to probe this poll, and the inbox markers read: one listing of ``inbox/`` (constant
+        cost), every site at the first scan and every ``FULL_SCAN_EVERY_S`` (a marker may be lost)."""
+        markers: list[str] = []
+        try:
+            markers = self.fed.store.list(layout.INBOX)
+        except FedfsError as exc:  # no inbox (denied, or a backend error): probe everyone
+            log.debug("inbox not listed: %s", exc)
+            self._full_at = None
+        now = time.monotonic()
+        if self._full_at is None or now - self._full_at >= FULL_SCAN_EVERY_S:
+            self._full_at = now
+            return set(self.config.site_names), markers
+        names = set(self.config.site_names)
+        return {p[0] for p in map(layout.parse_inbox_marker, markers) if p is not None and p[0] in names}, markers
+
+    def _clear(self, markers: list[str]) -> None:
+        """Delete the markers this scan has acted on (the aggregator's, best effort; junk ones too)."""
+        for key in markers:
+            try:
+                self.fed.store.delete(key)
+            except FedfsError as exc:
+                log.debug("inbox marker %s not deleted: %s", key, exc)
 
     def _verify_all(self, todo: list[tuple[str, str, Any]]) -> dict[str, str | ValidationError]:
         """Verify updates (concurrently when there are several): key -> local path, or the

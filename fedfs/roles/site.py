@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from . import faults
 from ..protocol import layout
-from ..errors import ConfigError, NotFound, ValidationError
+from ..errors import ConfigError, FedfsError, NotFound, ValidationError
 from ..protocol.rounds import decide_site
 from ..protocol.schema import (
     BlobRef,
@@ -83,6 +83,14 @@ class LocalWork(Protocol):
 
     @property
     def num_cases(self) -> int: ...
+
+
+def drop_marker(store: Any, site: str, round_: int) -> None:
+    """Tell the aggregator's poll where to look (``layout.inbox_marker``); only a hint, so best effort."""
+    try:
+        store.write_bytes(layout.inbox_marker(site, round_), b"")
+    except FedfsError as exc:  # e.g. a policy that denies inbox/: the aggregator's periodic full scan finds it
+        log.warning("inbox marker not written (%s); the aggregator finds the update at its next full scan", exc)
 
 
 @dataclass
@@ -312,6 +320,7 @@ class Site:
         doc = UpdateManifest(site=self.name, round=p["round"], base_version=p["base"], blob=ref,
                              num_cases=self.work.num_cases, plans_digest=self.state.plans_digest, metrics=p["metrics"])
         self.bucket.publish(layout.site_update(self.name, p["round"]), doc, self.identity)
+        drop_marker(self.fed.store, self.name, p["round"])
         self.state.updates_sent = p["round"] + 1
         self.state.last_base = p["base"]
         self.state.pending = None

@@ -162,7 +162,7 @@ class Bucket:
                        key=primary)
 
     def _remember_slot(self, primary: str, signed: Signed[Any]) -> None:
-        if len(self._slots) >= 256:
+        if len(self._slots) >= 8192:  # the pending updates of a thousand sites, and then some
             self._slots.pop(next(iter(self._slots)))
         self._slots[primary] = signed
 
