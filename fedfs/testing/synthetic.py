@@ -5,14 +5,15 @@ Each site is a raw nnU-Net dataset (``DatasetXXX_Name/dataset.json``, ``imagesTr
 ``image_size``) with one foreground label, ``lesion``.
 
 A style with a three-entry ``image_size`` and ``spacing`` makes 3D volumes (ellipsoids or
-lobulated blobs; :data:`DEFAULT_STYLES_3D` are tiny 16-24 voxel volumes that nnU-Net plans as a
-3-stage ``3d_fullres`` network and trains in a fraction of a second per iteration on a CPU).
+lobulated blobs, written as 3D NIfTI volumes; :data:`DEFAULT_STYLES_3D` are tiny volumes of 12-24
+voxels a side that nnU-Net plans as 3-stage ``3d_fullres`` networks and trains in well under a
+second per iteration on a CPU).
 ``label_scheme`` picks nnU-Net's label conventions (:data:`LABEL_SCHEMES`): ``"lesion"`` (one
 label), ``"regions"`` (a lesion with a brighter core, trained as the overlapping regions
 ``whole = [1, 2]`` and ``core = 2`` with ``regions_class_order``) or ``"ignore"`` (sparse
 annotation: in the training labels, bands of voxels carry nnU-Net's ``ignore`` label; the
 held-out references stay dense).
-Images are written as 2D NIfTI files: nnU-Net's ``SimpleITKIO`` reads a 2D file as one slice
+2D images are written as 2D NIfTI files: nnU-Net's ``SimpleITKIO`` reads a 2D file as one slice
 with a dummy out-of-plane spacing (999 x the in-plane spacing), plans a ``2d`` configuration
 for it and writes 2D predictions back, which is what nnU-Net's documentation recommends for
 2D data in NIfTI.
