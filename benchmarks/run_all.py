@@ -56,6 +56,9 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "disk used after 20 rounds (bucket, aggregator and site workdirs), retention off and on"),
     ("cli_startup", "cli_startup.py", ("--json",),
      "how fast `fedfs --help` answers, and that it loads neither torch nor nnU-Net"),
+    ("scale", "scale.py", ("--json", "--quick"),
+     "site processes on moto S3 and a folder, and 1,000 simulated sites, with heterogeneous sleeps for training: "
+     "aggregator time per update, requests per idle poll, wall time vs ideal, S3 cost, memory, status/report time"),
     ("privacy", "privacy.py", ("--json",),
      "robust rules (median, trimmed mean) against a poisoner and their memory; DP-FedAvg's Dice at three epsilons "
      "(toy federation)"),
