@@ -269,3 +269,31 @@ def test_hostile_files_at_predictable_keys_cost_rejections_never_a_party(tmp_pat
     final = fed.bucket.read(layout.global_version(2), GlobalManifest)
     assert final.key == layout.slot_candidate(layout.global_version(2), 1) and final.doc.final
     assert sorted((c.site, c.round) for c in final.doc.contributions) == [("A", 1), ("B", 1), ("C", 1)]
+
+
+def test_asym_v0_gives_every_site_the_first_sites_initial_values_for_shared_layers(tmp_path):
+    # Prepare: AsymFedAvg, B one level deeper than A (toy networks initialised at random, each its own)
+    keys = tmp_path / "keys"
+    generate_keypair("agg", "aggregator", keys)
+    for s in "AB":
+        generate_keypair(s, "site", keys)
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="asym", rounds=1)
+    fed, _ = Federation.create(str(tmp_path / "bucket"), config, agg)
+    aggregator = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg")
+    sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=2, seed=i + 1, depth=2 + i), tmp_path / s)
+             for i, s in enumerate("AB")}
+    # Execute
+    for _ in range(6):
+        step_all(aggregator, sites)
+        if fed.bucket.published(layout.global_version(0), GlobalManifest):
+            break
+    v0 = fed.bucket.read(layout.global_version(0), GlobalManifest).doc
+    a = load_weights(fed.bucket.get_blob_file(v0.blob_for("A"), str(tmp_path / "a")))[0]
+    b = load_weights(fed.bucket.get_blob_file(v0.blob_for("B"), str(tmp_path / "b")))[0]
+    b_own = load_weights(str(tmp_path / "B" / "updates" / "init.safetensors"))[0]
+    # Assert: the tensors the two share by name and shape start equal (A's); B's own deeper layers stay its own
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape]
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared)
+    only_b = [k for k in b if k not in a or a[k].shape != b[k].shape]
+    assert only_b and all(torch.equal(b[k], b_own[k]) for k in only_b)
+    assert "taken from site A's" in v0.report["init"]

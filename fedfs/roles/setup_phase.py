@@ -22,7 +22,8 @@ from typing import Any
 from ..errors import Conflict, NotFound, ValidationError
 from ..protocol import layout
 from ..protocol.rounds import SetupState, setup_due
-from ..protocol.schema import Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, PlansDocument, SiteCensus
+from ..protocol.schema import (BlobRef, Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, PlansDocument,
+                               SiteCensus)
 from ..trust.signing import Identity
 from .context import FederationContext
 from .inputs import VerifiedInputs
@@ -194,6 +195,28 @@ class SetupPhase:
                     doc = dataclasses.replace(doc, revision=doc.revision + 1)
         return None
 
+    def _shared_init(self, sites: list[str], plans: dict[str, PlansDocument]) -> dict[str, BlobRef]:
+        """AsymFedAvg's v0: every site's own initial weights, except that each tensor AsymFedAvg will
+        average is the first site's. Averaging layers initialised independently would average unrelated
+        networks (conv channels have no common order). A pure function of the inputs, so a re-run
+        publishes the same bytes."""
+        from ..fl.aggregate import FedAvg, Update
+        from ..weights.combine import aggregate, extract_site
+
+        align = "level" if self.config.align == "resolution" else "name"
+        out = self.inputs.cache.parent / "out" / "v000000"
+        out.mkdir(parents=True, exist_ok=True)
+        first = sites[0]
+        union = aggregate([Update(first, self.inputs.fetch(plans[first].init_blob), num_cases=1)],
+                          out / "union.safetensors", rule=FedAvg(weighting="uniform"), align=align).path
+        blobs = {first: plans[first].init_blob}
+        for s in sites[1:]:
+            path = out / f"{s}.safetensors"
+            extract_site(union, self.inputs.site_shapes(s), path, align=align,
+                         fallback_path=self.inputs.fetch(plans[s].init_blob), metadata={"site": s, "init": "1"})
+            blobs[s] = self.inputs.put_own(str(path))
+        return blobs
+
     def _plans_differ(self, plans: dict[str, PlansDocument]) -> tuple[list[str], str]:
         """The sites whose plans are not identical and why (([], "") when they are), field by field."""
         sites = self.config.site_names
@@ -253,8 +276,10 @@ class SetupPhase:
             doc = GlobalManifest(version=0, blob=plans[first].init_blob, next_rounds={s: 0 for s in sites},
                                  report={"init": f"initial weights of site {first}"})
         else:
-            doc = GlobalManifest(version=0, site_blobs={s: plans[s].init_blob for s in sites},
-                                 next_rounds={s: 0 for s in sites}, report={"init": "each site's own initial weights"})
+            doc = GlobalManifest(version=0, site_blobs=self._shared_init(sites, plans),
+                                 next_rounds={s: 0 for s in sites},
+                                 report={"init": f"each site's own initial weights, the layers AsymFedAvg shares "
+                                                 f"taken from site {sites[0]}'s"})
         self.commit(doc)
         self._resolved("")
         return StepResult(Action.V0, "initial global published; training can start", version=0)

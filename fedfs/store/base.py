@@ -152,15 +152,25 @@ class Store(ABC):
             return
         import uuid
 
-        key = f"{prefix.rstrip('/')}/exclusive-probe-{uuid.uuid4().hex[:12]}.json"
-        self.publish(key, b'{"probe": 1}')
-        try:
-            self.publish(key, b'{"probe": 2}')
-        except Conflict:
-            return
-        finally:
-            with contextlib.suppress(FedfsError):
-                self.delete(key)
+        for _attempt in range(3):
+            key = f"{prefix.rstrip('/')}/exclusive-probe-{uuid.uuid4().hex[:12]}.json"
+            try:  # a first publish whose answer was lost (a transport retry meets its own write) proves nothing:
+                self.publish(key, b'{"probe": 1}')  # try again under a new key
+            except (Conflict, StateUnknown):
+                with contextlib.suppress(FedfsError):
+                    self.delete(key)
+                continue
+            try:
+                self.publish(key, b'{"probe": 2}')
+            except (Conflict, StateUnknown):  # refused (or undecided): exclusive as far as this probe can tell
+                return
+            finally:
+                with contextlib.suppress(FedfsError):
+                    self.delete(key)
+            break
+        else:
+            raise StateUnknown(f"{self.describe(prefix)}: the exclusivity probe's first publish never got a clear "
+                               "answer; try again when the storage answers", key=prefix)
         from ..errors import ConfigError
 
         raise ConfigError(
