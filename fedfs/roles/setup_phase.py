@@ -257,7 +257,14 @@ class SetupPhase:
             named, differ = self._plans_differ(plans)
             if differ:
                 return self._problem("plans", differ, named)
-        for s in sites:
+        for s in sites:  # nnU-Net sites say which planner they ran: it must be the federation's (federation.json)
+            planner = plans[s].summary.get("planner")
+            want = getattr(c, "plans_name", "")
+            if planner is not None and (planner != getattr(c, "planner", planner)
+                                        or (want and plans[s].plans_identifier != want)):
+                return self._problem("plans", f"site {s} planned {plans[s].plans_identifier} with {planner}; the "
+                                              f"federation trains {want or 'the plans of'} {c.planner} "
+                                              "(federation.json planner / plans_identifier)", [s])
             if plans[s].init_blob is None:
                 self.quarantine.reject(layout.site_plans(s), "plans document names no initial weights")
                 return StepResult(Action.BLOCKED, f"site {s} published no initial weights")
