@@ -1,0 +1,61 @@
+"""The scale benchmark's core, small: 30 site processes and the aggregator finish, sleeping sites load
+neither torch nor nnU-Net, and an idle poll costs the same number of requests whatever N
+(benchmarks/scale.py measures it with 100 processes and 1,000 simulated sites).
+
+Each party is its own OS process (``python benchmarks/scale.py --party SPEC``: the real role loop
+polling a folder, every store call counted). Only counts are asserted, never timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def thirty(scale, tmp_path_factory):
+    """30 site processes + the aggregator on a folder, sync, 2 rounds, sleeps 0.2-4 s."""
+    root = tmp_path_factory.mktemp("scale")
+    return scale.run_processes("folder", 30, "sync", 2, 0.2, root, None, timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def small_sim(scale, tmp_path_factory):
+    """5 simulated sites in this process: the idle polls at small N to compare with."""
+    return scale.simulate(5, "sync", 2, 60.0, tmp_path_factory.mktemp("sim"))
+
+
+def test_thirty_processes_finish(thirty):
+    assert thirty["completed"], thirty["failures"]
+    assert thirty["updates_per_version"] == 30
+
+
+def test_sleeping_sites_load_neither_torch_nor_nnunet(thirty):
+    assert thirty["site_heavy_modules"] == []
+    assert thirty["aggregator_heavy_modules"] == ["torch"]  # the aggregator combines tensors with torch
+
+
+def test_site_idle_poll_is_constant(thirty, small_sim):
+    polls = thirty["idle_poll_site_requests"]
+    assert polls["n"] > 30  # every site polled while it waited
+    assert polls["mode"] == small_sim["idle_poll_site_requests"] == 2  # the latest hint and the next version
+    assert polls["max"] <= 3  # a heartbeat check at most once a minute
+
+
+def test_aggregator_idle_poll_does_not_grow_with_n(thirty, small_sim):
+    assert thirty["idle_poll_aggregator_requests"]["n"] > 0
+    assert thirty["idle_poll_aggregator_requests"]["mode"] == small_sim["idle_poll_aggregator_requests"], (
+        f"an idle aggregator poll costs {thirty['idle_poll_aggregator_requests']['mode']} requests with 30 sites, "
+        f"{small_sim['idle_poll_aggregator_requests']} with 5")
