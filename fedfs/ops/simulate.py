@@ -98,7 +98,7 @@ def simulate(
         keys, sites, mode=spec.mode, configuration=spec.configuration, rounds=spec.rounds,
         local_epochs=spec.local_epochs, aggregation=spec.aggregation, buffer_size=spec.buffer_size,
         buffer_trigger=spec.buffer_trigger, max_staleness=spec.max_staleness, staleness=spec.staleness,
-        staleness_a=spec.staleness_a, staleness_b=spec.staleness_b)
+        staleness_a=spec.staleness_a, staleness_b=spec.staleness_b, fold=str(spec.fold))
     fed, created = Federation.create(url, config, agg, storage_options=storage_options)
     say(f"federation {'created' if created else 'resumed'} at {url}: {spec.mode}, {spec.aggregation}, "
         f"{len(sites)} sites, {spec.rounds} rounds")
