@@ -673,6 +673,11 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "replay_stale_base": ("late",),
     "replay_round_site_key": ("replayed",),
     "store_garbage_in_site_folder": ("malformed",),
+    # found by the hostile-bucket trial (issue: hardening); each once stopped a party
+    "deep_nesting_json": ("levels deep", "too deep"),
+    "huge_integer_literal": ("digits",),
+    "wider_dtype_huge": ("declared architecture says",),
+    "payload_not_in_own_folder": ("is not in site 'M'", "is not in site M's folder"),
 }
 
 
@@ -809,6 +814,7 @@ class Hostile:
         variant("wrong_dtype", lambda x: x.__setitem__(k0, torch.zeros_like(x[k0], dtype=torch.int32)))
         variant("implausible_norm", lambda x: [v.mul_(1000.0) for v in x.values()])
         variant("extra_tensor", lambda x: x.__setitem__("extra.weight", torch.zeros(3)))
+        variant("wider_dtype_huge", lambda x: x.__setitem__(k0, x[k0].double() * 1e300))
         variant("missing_tensor", lambda x: x.pop(k0))
 
         good = self._st({k: v * 1.01 for k, v in base.items()})
@@ -861,6 +867,12 @@ class Hostile:
         raw = canonical_json(self._identity(HOSTILE_SITE).sign(self._update_body(real, round_=self.next_round)))
         self._post("nan_in_json", raw.replace(b'"train_loss":0.5', b'"train_loss":NaN'))
         self._post("duplicate_json_key", raw.replace(b'{"body"', b'{"role":"site","body"', 1))
+        self._post("deep_nesting_json", b"[" * 100_000 + b"]" * 100_000)
+        self._post("huge_integer_literal", raw.replace(b'"num_cases":2', b'"num_cases":' + b"9" * 5000, 1))
+        ghost = self._st({k: v * 1.04 for k, v in base.items()})  # never uploaded: named from M's folder
+        self._signed("payload_not_in_own_folder", self._update_body(
+            {"key": layout.site_blob(HOSTILE_SITE, hashlib.sha256(ghost).hexdigest()),
+             "sha256": hashlib.sha256(ghost).hexdigest(), "size": len(ghost)}, round_=self.next_round))
         # a valid signed file from M (r0), copied byte for byte to a newer round's key
         self._post("replay_round", self.store.read_bytes(layout.site_update(HOSTILE_SITE, 0)))
 
