@@ -97,6 +97,11 @@ class Aggregator:
         current = self.manifest(version)
         if current.doc.is_final(c.rounds):
             return StepResult(Action.FINISHED, f"v{version} is the final global", version=version)
+        if getattr(c, "secure_aggregation", False):  # the masked sum's stages instead of update manifests
+            from .secure_round import aggregator_secure_step
+
+            return aggregator_secure_step(self, version, current,
+                                          max(0.0, self.clock() - parse_stamp(current.signed_at, current.key)))
         pending, cursor, local = self.inputs.scan(current.doc.next_rounds)
         age = max(0.0, self.clock() - parse_stamp(current.signed_at, current.key))
         decision = decide_aggregation(c, version, pending, cursor, age, self.inputs.rejected_sites(version))

@@ -314,6 +314,19 @@ class Site:
     def _publish_pending(self) -> StepResult:
         p = self.state.pending
         assert p is not None
+        if getattr(self.config, "secure_aggregation", False):  # no update manifest: the masked sum's stages
+            from .secure_round import site_secure_step
+
+            base = self.bucket.read(layout.global_version(p["base"]), GlobalManifest)
+            waiting = site_secure_step(self, p, self._fetch_global(base))
+            if waiting is not None:
+                self.heartbeat("waiting", waiting.detail[:300], round=p["round"], base_version=p["base"])
+                return waiting
+            self.state.updates_sent, self.state.last_base, self.state.pending = p["round"] + 1, p["base"], None
+            self._save()
+            self.heartbeat("published", f"secure update r{p['round']} from v{p['base']}", round=p["round"],
+                           base_version=p["base"], metrics=p["metrics"])
+            return StepResult(Action.UPDATE, f"r{p['round']} from v{p['base']} summed securely")
         faults.point("site.before_publish")
         ref = self.bucket.put_blob_file(lambda sha, ext: layout.site_blob(self.name, sha, ext), p["path"])
         faults.point("site.after_upload")
