@@ -795,6 +795,9 @@ class Hostile:
     def phase_one(self) -> None:
         import torch
 
+        # first, so the aggregator meets it well before the federation's last round (B's keys past its last)
+        self._post("store_garbage_in_site_folder", b"\x00\x01garbage{", key=layout.site_update("B", ROUNDS))
+
         base = self._tensors()
         k0 = sorted(base)[0]
         # r0 must be the one that passes every per-file check, so it is chosen for v1 and refused by the
@@ -878,7 +881,7 @@ class Hostile:
 
     def phase_two(self) -> None:
         """With v1 out: a valid, correctly bound update from M that names v0 (stale), and A's r0 re-posted
-        at A's first unused round key by the bare store; garbage in B's update folder."""
+        at A's first unused round key by the bare store."""
         init = self.dir / "site-M" / "updates" / "init.safetensors"
         x = init.read_bytes()
         ref = self._blob(x)
@@ -891,7 +894,6 @@ class Hostile:
         a0 = self.store.read_bytes(layout.site_update("A", 0))
         key = layout.site_update("A", ROUNDS)  # never used by A itself: it sends rounds 0..ROUNDS-1
         self._post("replay_round_site_key", a0, key=key)
-        self._post("store_garbage_in_site_folder", b"\x00\x01garbage{", key=layout.site_update("B", ROUNDS))
 
     def verdicts(self, rejections: dict[str, str], audit_result: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
