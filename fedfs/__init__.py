@@ -62,6 +62,8 @@ _LAZY = {
     "FedAvg": "fedfs.fl.aggregate",
     "FedBuff": "fedfs.fl.aggregate",
     "FedAsync": "fedfs.fl.aggregate",
+    "Median": "fedfs.fl.robust",
+    "TrimmedMean": "fedfs.fl.robust",
     "Staleness": "fedfs.fl.aggregate",
     "collect_status": "fedfs.ops.status",
     "build_report": "fedfs.ops.report",

@@ -9,9 +9,10 @@ import fedfs
 
 PUBLIC = [
     "Action", "Aggregator", "Bucket", "ConfigError", "Conflict", "FedAsync", "FedAvg", "FedBuff", "Federation",
-    "FedfsError", "Identity", "IntegrityError", "InvalidName", "LocalWork", "NnunetOptions", "NnunetWork",
+    "FedfsError", "Identity", "IntegrityError", "InvalidName", "LocalWork", "Median", "NnunetOptions", "NnunetWork",
     "NotFound", "SchemaError", "SignatureError", "SimulationSpec", "Site", "SiteClient", "Staleness",
-    "StateUnknown", "StepResult", "Store", "StoreError", "StoreUnavailable", "TooLarge", "ToyWork", "Update",
+    "StateUnknown", "StepResult", "Store", "StoreError", "StoreUnavailable", "TooLarge", "ToyWork", "TrimmedMean",
+    "Update",
     "ValidationError", "__version__", "aggregate", "aggregate_asym", "build_report", "collect_status",
     "config_from_key_dir", "export_site_model", "extract_site", "generate_keypair", "layout", "load_identity",
     "make_federation", "make_trigger", "nnunet_environment", "open_store", "run_doctor", "run_loop", "simulate",
