@@ -810,7 +810,7 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     if args.processes:
         with MotoS3() as moto:
             for backend in args.backends:
-                for mode in ("sync", "async"):
+                for mode in args.process_modes:
                     out["processes"].append(run_processes(backend, args.processes, mode, args.rounds, args.base_s,
                                                           root, moto if backend == "s3" else None, args.timeout))
     out["cost"] = cost_model(out)
@@ -870,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="20 processes, fewer rounds")
     ap.add_argument("--processes", type=int, default=None, help="site processes per run (default 100; quick 20)")
     ap.add_argument("--backends", nargs="+", choices=["s3", "folder"], default=["s3", "folder"])
+    ap.add_argument("--process-modes", nargs="+", choices=["sync", "async"], default=["sync", "async"],
+                    help="modes of the process federations")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--base-s", type=float, default=None, help="fast sites sleep base x U(1, 2) s per round")
     ap.add_argument("--sim-ns", type=int, nargs="+", default=None, help="simulated N (default 10 100 1000; quick 10 200)")
