@@ -124,23 +124,28 @@ def test_a_blocked_aggregator_step_exits_10_with_the_reason(tmp_path, keys):
 
 
 def test_a_blocked_site_step_exits_10_with_the_reason(tmp_path, keys):
-    """A site step that can go no further (here: garbage where the aggregator's census belongs) returns
-    at once with code 10 instead of stepping again and again under cron's lock."""
-    # Prepare: site A has published its census; the federation census is not a valid document
-    config, agg = config_from_key_dir(keys, ["A", "B"], mode="ffe")
+    """A site step that can go no further (here: the aggregator refused its census, which claims more
+    cases than the federation allows) returns at once with code 10 instead of stepping again and again
+    under cron's lock."""
+    from fedfs.roles.aggregator import Aggregator
+
+    # Prepare: A's census claims 10**12 cases; the aggregator has refused it, naming A
+    config, agg = config_from_key_dir(keys, ["A", "B"], mode="ffe", max_cases=1000)
     url = str(tmp_path / "bucket")
     fed, _ = Federation.create(url, config, agg)
-    a = fed.as_party(keys / "A.key")
-    a.bucket.publish(layout.site_census("A"), SiteCensus(site="A", num_cases=4, num_channels=1), a.identity)
-    fed.store.write_bytes(layout.CENSUS, b"\x00 not json")
+    for site, n in (("A", 10**12), ("B", 4)):
+        party = fed.as_party(keys / f"{site}.key")
+        party.bucket.publish(layout.site_census(site), SiteCensus(site=site, num_cases=n, num_channels=1),
+                             party.identity)
+    assert Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg").step().action == "blocked"
     # Execute: no nnU-Net runs (the dataset is never read before the census)
     proc = run("site", "step", url, "--key", str(keys / "A.key"), "--workdir", str(tmp_path / "w"), "-d", "999",
                "-q", check=False)
     # Assert
     assert proc.returncode == 10, proc.stderr
-    assert proc.stdout.count("blocked: ") == 1 and layout.CENSUS in proc.stdout
+    assert proc.stdout.count("blocked: ") == 1 and "claims 1000000000000 training cases" in proc.stdout
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("fedfs: error: ") and layout.CENSUS in error and "malformed" in error
+    assert error.startswith("fedfs: error: ") and "max_cases" in error
 
 
 @pytest.mark.nnunet
