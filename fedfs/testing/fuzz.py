@@ -277,12 +277,13 @@ def hostile_value(rng: random.Random, depth: int = 0) -> Any:
         for _ in range(rng.choice([2, 10, 63, 64, 65, 100, 200])):  # deeper: the raw tokens
             v = [v] if rng.random() < 0.7 else {"a": v}
         return v
+    big = rng.random() < 0.05  # the megabyte-sized ones are rare: they cost milliseconds each
     if r < 0.93:
-        n = rng.choice([100, 1000, 10_000, 100_000])
+        n = 100_000 if big else rng.choice([10, 100, 1000])
         return rng.choice([[0] * n, [0.5] * n, ["a"] * n, [[]] * n, list(range(n))])
     if r < 0.97:
-        return "x" * rng.choice([1000, 100_000, 1_000_000])
-    return {f"k{i}": i for i in range(rng.choice([100, 10_000]))}
+        return "x" * (1_000_000 if big else rng.choice([100, 1000, 10_000]))
+    return {f"k{i}": i for i in range(10_000 if big else 100)}
 
 
 def _paths(value: Any, prefix: tuple = (), out: list | None = None, depth: int = 0) -> list[tuple]:
