@@ -6,7 +6,8 @@ documents signed by real keys, safetensors headers from fedfs's writer and the s
 hypothesis draws inputs four ways per decoder: the shared mutation engine (byte-level and JSON-level
 mutations, re-signed bodies), raw bytes, hypothesis-chosen byte edits of a seed, and hypothesis JSON
 values planted at a field of a seed's body (signed by the right key, so the schema checks behind the
-signature are reached). Deterministic (derandomized, no example database); about a minute in all.
+signature are reached). Deterministic (derandomized, no example database); 1,000 inputs per decoder,
+under a minute in all.
 ``benchmarks/fuzz.py`` runs 100,000 inputs per decoder and reports time and memory per input.
 """
 
@@ -26,7 +27,7 @@ from fedfs.protocol.documents import MAX_JSON_DEPTH, canonical_json, loads_stric
 from fedfs.testing import fuzz
 
 TARGETS = fuzz.targets()
-EXAMPLES_PER_DECODER = 300
+EXAMPLES_PER_DECODER = 1000
 
 FUZZ = settings(max_examples=EXAMPLES_PER_DECODER, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
