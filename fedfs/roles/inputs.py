@@ -62,6 +62,7 @@ class VerifiedInputs:
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._missing: dict[str, int] = {}  # site -> the round found missing at its last probe
         self._full_at: float | None = None  # when every site was last probed (None: never)
+        self._seen_markers: set[str] = set()  # the inbox at the last poll (a site is due for a new marker)
         self._fetch_locks_guard = threading.Lock()
 
     # ---- globals, plans, architectures --------------------------------------------
@@ -206,12 +207,14 @@ class VerifiedInputs:
                 self._verified[key] = (signed.raw_sha256, result)
             pending.append(Pending(site, r, signed.doc.base_version, key))
             local[key] = (signed.doc, self._verified[key][1])
-        self._clear(markers)
+        self._clear(markers, next_rounds)
         return pending, cursor, local
 
     def _due_sites(self) -> tuple[set[str], list[str]]:
         """The sites to probe this poll, and the inbox markers read: one listing of ``inbox/`` (constant
-        cost), every site at the first scan and every ``FULL_SCAN_EVERY_S`` (a marker may be lost)."""
+        cost); a site is due when a marker of it is new to this aggregator (markers stay until a published
+        global folds their update, so a second aggregator sees them too); every site at the first scan
+        and every ``FULL_SCAN_EVERY_S`` (a marker may be lost)."""
         markers: list[str] = []
         try:
             markers = self.fed.store.list(layout.INBOX)
@@ -219,15 +222,22 @@ class VerifiedInputs:
             log.debug("inbox not listed: %s", exc)
             self._full_at = None
         now = time.monotonic()
+        new = [m for m in markers if m not in self._seen_markers]
+        self._seen_markers = set(markers)
         if self._full_at is None or now - self._full_at >= FULL_SCAN_EVERY_S:
             self._full_at = now
             return set(self.config.site_names), markers
         names = set(self.config.site_names)
-        return {p[0] for p in map(layout.parse_inbox_marker, markers) if p is not None and p[0] in names}, markers
+        return {p[0] for p in map(layout.parse_inbox_marker, new) if p is not None and p[0] in names}, markers
 
-    def _clear(self, markers: list[str]) -> None:
-        """Delete the markers this scan has acted on (the aggregator's, best effort; junk ones too)."""
+    def _clear(self, markers: list[str], folded: dict[str, int]) -> None:
+        """Delete the markers whose update a published global has folded (``folded``: its next rounds),
+        and junk ones; best effort, and idempotent between two aggregators."""
+        names = set(self.config.site_names)
         for key in markers:
+            parsed = layout.parse_inbox_marker(key)
+            if parsed is not None and parsed[0] in names and parsed[1] >= folded.get(parsed[0], 0):
+                continue  # not folded yet: another aggregator may still need it
             try:
                 self.fed.store.delete(key)
             except FedfsError as exc:
