@@ -59,12 +59,12 @@ BENCHMARKS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("scale", "scale.py", ("--json", "--quick"),
      "site processes on moto S3 and a folder, and 1,000 simulated sites, with heterogeneous sleeps for training: "
      "aggregator time per update, requests per idle poll, wall time vs ideal, S3 cost, memory, status/report time"),
-    ("privacy", "privacy.py", ("--json",),
-     "robust rules (median, trimmed mean) against a poisoner and their memory; DP-FedAvg's Dice at three epsilons "
-     "(toy federation)"),
     ("simulation", "simulation.py", ("--json", "--quick"),
      "seeded fault schedules (crashes, failed, slow and repeated calls, listing lag, clock skew) over the real "
      "roles: invariant violations"),
+    ("privacy", "privacy.py", ("--json",),
+     "robust rules (median, trimmed mean) against a poisoner and their memory; DP-FedAvg's Dice at three epsilons "
+     "(toy federation)"),
     ("quality", "quality.py", ("--json",),
      "Dice and HD95 of local, centralized, FFE, AsymFedAvg and async FedBuff nnU-Net on a synthetic "
      "multi-site task with an external test site"),
