@@ -300,8 +300,16 @@ def dp(work: Path, quick: bool) -> tuple[dict[str, Any], dict[str, dict[str, Any
     return figures, targets
 
 
+def secagg(work: Path, quick: bool) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Secure aggregation against plain FedAvg at N=3, 8, 20 (benchmarks/privacy_secagg.py)."""
+    from privacy_secagg import secagg_section
+
+    out = secagg_section(quick=quick)
+    return out["secagg"], out["targets"]
+
+
 #: name -> section; each returns (figures, targets). Another section is one more entry.
-SECTIONS: dict[str, Section] = {"robust": robust, "robust_memory": robust_memory, "dp": dp}
+SECTIONS: dict[str, Section] = {"robust": robust, "robust_memory": robust_memory, "dp": dp, "secagg": secagg}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
