@@ -47,8 +47,9 @@ class Quarantine:
         self.identity = identity
         self.log = logger
         self.journal = Path(journal) if journal is not None else None
+        self._resolved: set[str] = set()  # keys resolved by this run (not adopted back from the status)
         self._records: dict[str, Rejection] = self._load()
-        self._dirty = False
+        self._dirty = self._pending_write
         for key, reason in self._replay():
             if key not in bucket.junk:
                 bucket.junk[key] = reason
@@ -61,6 +62,7 @@ class Quarantine:
             records = {r.key: r for r in self.bucket.read(self.status_key, StatusDocument).doc.rejected}
         except FedfsError:
             pass
+        in_status = set(records)
         self._junk_keys: dict[str, str] = {}
         for entry in self._journal_lines():
             key = entry["key"]
@@ -71,6 +73,8 @@ class Quarantine:
                                      sites=[str(s) for s in entry.get("sites", []) if isinstance(s, str)])
             if entry.get("junk"):
                 self._junk_keys[key] = records[key].reason
+        # journalled but not in the status (its write failed, or the party died first): write it at the next flush
+        self._pending_write = bool(set(records) - in_status)
         return records
 
     def _journal_lines(self) -> list[dict]:
@@ -132,8 +136,22 @@ class Quarantine:
         gone = [k for k in self._records if k.startswith(prefix)]
         for k in gone:
             del self._records[k]
+            self._resolved.add(k)
             self._append({"key": k, "resolved": True})
         self._dirty = self._dirty or bool(gone)
+
+    def _adopt_others(self) -> None:
+        """Keep what another run of this party (a second aggregator with the same key) recorded in the
+        status document since we read it: it is rewritten whole, so a blind write would drop those."""
+        try:
+            theirs = self.bucket.read(self.status_key, StatusDocument)
+        except FedfsError:
+            return
+        if theirs.signer != self.identity.name:
+            return
+        for r in theirs.doc.rejected:
+            if r.key not in self._records and r.key not in self._resolved:
+                self._records[r.key] = r
 
     def records(self) -> list[Rejection]:
         """The newest :data:`MAX_RECORDS` records, oldest first."""
@@ -143,6 +161,7 @@ class Quarantine:
         """Rewrite the status document if a record changed since the last flush."""
         if not self._dirty:
             return
+        self._adopt_others()
         doc = StatusDocument(party=self.identity.name, rejected=self.records())
         try:
             self.bucket.write_mutable(self.status_key, doc, self.identity)
