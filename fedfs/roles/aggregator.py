@@ -79,7 +79,8 @@ class Aggregator:
             latest = self.latest_version()
             result = self.setup.step() if latest is None else self._round_step(latest)
             newest = result.version if result.version is not None else latest
-            self.audit.run(self.manifest(newest).doc) if newest is not None else None  # overwritten payloads
+            if newest is not None:
+                self.audit.run(self.manifest(newest).doc)  # overwritten payloads: restored
             self.quarantine.flush()  # anything recorded and not yet in the status (a failed write is retried here)
         phase = "waiting" if result.action is Action.WAIT else result.action.value
         self.liveness.beat(phase, result.detail[:300], base_version=-1 if result.version is None else result.version)

@@ -50,9 +50,8 @@ class Quarantine:
         self._resolved: set[str] = set()  # keys resolved by this run (not adopted back from the status)
         self._records: dict[str, Rejection] = self._load()
         self._dirty = self._pending_write
-        for key, reason in self._replay():
-            if key not in bucket.junk:
-                bucket.junk[key] = reason
+        for key, reason in self._junk_keys.items():
+            bucket.junk.setdefault(key, reason)
         bucket.on_junk = self._junk
 
     def _load(self) -> dict[str, Rejection]:
@@ -90,9 +89,6 @@ class Quarantine:
                 if isinstance(entry, dict) and isinstance(entry.get("key"), str):
                     out.append(entry)
         return out
-
-    def _replay(self) -> list[tuple[str, str]]:
-        return list(self._junk_keys.items())
 
     def _append(self, entry: dict) -> None:
         if self.journal is None:
