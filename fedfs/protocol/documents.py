@@ -49,6 +49,7 @@ INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 
 _STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: no per-character alternation
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONG_NUMBER_RE = re.compile(r"[-+0-9.eE]{%d,}" % (MAX_NUMBER_CHARS + 1))  # outside strings
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -72,10 +73,10 @@ def brief(value: Any, limit: int = 60) -> str:
     return f"a {type(value).__name__}"
 
 
-def _max_depth(text: str) -> int:
-    """The deepest nesting of ``[`` and ``{`` outside strings (an over-estimate for invalid JSON,
-    which the parser refuses anyway); linear, in C and numpy, so 16 MiB take milliseconds."""
-    bare = _STRING_RE.sub("", text)
+def _max_depth(bare: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in ``bare`` (the text with its strings removed; an
+    over-estimate for invalid JSON, which the parser refuses anyway); linear, in C and numpy, so
+    16 MiB take milliseconds."""
     opened = bare.count("[") + bare.count("{")
     if opened <= MAX_JSON_DEPTH:  # cannot nest deeper than it opens
         return opened
@@ -137,11 +138,16 @@ def decode_json(data: Any, where: str, *, max_bytes: int = MAX_DOCUMENT_BYTES,
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SchemaError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    depth = _max_depth(text)
+    bare = _STRING_RE.sub("", text)
+    depth = _max_depth(bare)
     if depth > MAX_JSON_DEPTH:
         raise SchemaError(f"{where}: JSON nested {depth} levels deep (the limit is {MAX_JSON_DEPTH})")
+    # Integers go through C's parser unless a run of number characters outside strings is long
+    # enough to be an over-long literal: then every literal goes through the checking hook
+    # (safetensors headers hold hundreds of integers each, one hook call apiece otherwise).
+    parse_int = _strict_int if _LONG_NUMBER_RE.search(bare) else int
     try:
-        value = json.loads(text, object_pairs_hook=object_pairs_hook or _no_dupes, parse_int=_strict_int,
+        value = json.loads(text, object_pairs_hook=object_pairs_hook or _no_dupes, parse_int=parse_int,
                            parse_float=_strict_float, parse_constant=_no_constant)
         if _SURROGATE_ESCAPE_RE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
