@@ -250,8 +250,9 @@ def unmask_shares(params: SessionParams, secrets: SiteSecrets, shares_roster: Se
     _require_quorum(params, me, masked_roster.sites, "masked roster")
     if answered is not None and answered != digest(masked_roster):
         raise ValidationError(f"{where}: differs from the roster {me} already answered; refusing a second answer")
-    if masked_exists is not None:
-        liars = [d for d in masked_roster.dropped if masked_exists(d)]
+    if masked_exists is not None:  # a dropout whose masked input the aggregator refused (signed, with the
+        # reason) has a manifest in the bucket: that is no lie, and only its mask-key shares go out, never its b
+        liars = [d for d in masked_roster.dropped if d not in masked_roster.rejected and masked_exists(d)]
         if liars:
             raise ValidationError(f"{where}: claims {liars} dropped, but their masked inputs are in the bucket; "
                                   "refusing to reveal their mask keys")
@@ -267,19 +268,25 @@ def unmask_shares(params: SessionParams, secrets: SiteSecrets, shares_roster: Se
                         self_shares=selfs, key_shares=keys)
 
 
-def make_roster(params: SessionParams, stage: str, present: list[str], previous: SecAggRoster | None) -> SecAggRoster:
+def make_roster(params: SessionParams, stage: str, present: list[str], previous: SecAggRoster | None,
+                rejected: Mapping[str, str] | None = None) -> SecAggRoster:
     """The aggregator's roster closing ``stage``: the sites of the previous roster that made it.
-    ValidationError when the threshold can no longer be met (the session cannot finish)."""
+    ``rejected`` (masked stage): site -> why its masked input was refused; such a site is a
+    dropout, recorded with the reason. ValidationError when the threshold can no longer be met
+    (the session cannot finish), naming the refused inputs that took it below."""
+    rejected = dict(rejected or {})
     base = list(params.sites) if previous is None else previous.sites
-    sites = sorted(set(present) & set(base))
+    sites = sorted((set(present) & set(base)) - set(rejected))
     dropped = sorted(set(base) - set(sites)) if stage == "masked" else []
     for s in sites + dropped:
         holders = [j for j in (s, *params.neighbours(s)) if j in sites]
         if len(holders) < params.threshold:
+            why = "".join(f"; {r}'s masked input was refused: {rejected[r]}" for r in sorted(rejected))
             raise ValidationError(f"session {params.session}, {stage}: {s}'s secrets have {len(holders)} holders "
-                                  f"left, below the threshold {params.threshold}; the session cannot finish")
+                                  f"left, below the threshold {params.threshold}; the session cannot finish{why}")
     return SecAggRoster(session=params.session, stage=stage, sites=sites, dropped=dropped,
-                        previous="" if previous is None else digest(previous))
+                        previous="" if previous is None else digest(previous),
+                        rejected={r: rejected[r][:2000] for r in sorted(rejected) if r in dropped})
 
 
 def layout_digest(arrays: Mapping[str, np.ndarray]) -> str:

@@ -144,6 +144,7 @@ class SecAggRoster(Document):
     sites: list[str]
     dropped: list[str] = field(default_factory=list)
     previous: str = ""  # digest of the roster before (empty for the keys roster)
+    rejected: dict[str, str] = field(default_factory=dict)  # masked: dropouts whose masked input was refused, why
 
     def validate(self, where: str) -> None:
         check_session(self.session)
@@ -152,6 +153,9 @@ class SecAggRoster(Document):
         _sites(self.dropped, where, "dropped")
         require(not set(self.sites) & set(self.dropped), where, "a site cannot both survive and drop")
         require(self.stage == "masked" or not self.dropped, where, "only the masked roster names dropouts")
+        require(set(self.rejected) <= set(self.dropped), where, "a refused masked input makes its site a dropout")
+        require(all(isinstance(r, str) and len(r) <= 2000 for r in self.rejected.values()), where,
+                "a refusal reason is a string of at most 2000 characters")
         require((self.stage == "keys") == (self.previous == ""), where,
                 "every roster but the keys roster names the one before")
         require(self.previous == "" or bool(_HEX_SHA.match(self.previous)), where, "previous must be a sha256")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Conflict, FedfsError, StoreError, ValidationError
+from ..errors import Conflict, FedfsError, NotFound, StoreError, ValidationError
 from ..protocol import layout as proto_layout
 from ..protocol.documents import Document
 from ..protocol.schema import FederationConfig
@@ -108,8 +108,23 @@ def decode_masked(data: bytes, where: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _load_masked(bucket: Bucket, doc: SecAggMasked) -> dict[str, np.ndarray]:
-    data = bucket.get_blob_bytes(doc.blob, max_size=MAX_MASKED_BYTES)
+def _load_masked(bucket: Bucket, doc: SecAggMasked, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """A masked input, verified (size, sha256, safetensors, layout). With ``cache`` the verified
+    payload is kept there (by sha256), so the sum reads what was checked when the masked roster
+    was closed, whatever happens to the bucket's copy after."""
+    if doc.blob.size > MAX_MASKED_BYTES:
+        raise ValidationError(f"{doc.blob.key}: manifest says {doc.blob.size} bytes, over the "
+                              f"{MAX_MASKED_BYTES}-byte limit", key=doc.blob.key)
+    if cache is None:
+        data = bucket.get_blob_bytes(doc.blob, max_size=MAX_MASKED_BYTES)
+    else:
+        path = cache / f"{doc.blob.sha256}.safetensors"
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+            bucket.get_blob_file(doc.blob, str(tmp))
+            os.replace(tmp, path)
+        data = path.read_bytes()
     arrays = decode_masked(data, doc.blob.key)
     if secagg.layout_digest(arrays) != doc.layout:
         raise ValidationError(f"{doc.blob.key}: tensors do not match the layout its manifest names", key=doc.blob.key)
@@ -232,6 +247,9 @@ class SecureSite(_Party):
         r_masked = self._roster("masked")
         if r_masked is None:
             return "waiting"
+        if self.name in r_masked.rejected:  # our masked input was refused (the reason is signed): a dropout
+            self.rejected[self._key("masked")] = f"refused by the aggregator: {r_masked.rejected[self.name]}"
+            return "excluded"
         return self._unmask(sec, r_shares, r_masked)
 
     def _unmask(self, sec: secagg.SiteSecrets, r_shares: SecAggRoster, r_masked: SecAggRoster) -> str:
@@ -271,18 +289,49 @@ class SecureAggregator(_Party):
     """The aggregator's side of one session: three rosters, then the unmasked sum."""
 
     def __init__(self, bucket: Bucket, identity: Identity, params: secagg.SessionParams,
-                 layout: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> None:
+                 layout: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+                 cache: str | os.PathLike[str] | None = None) -> None:
         super().__init__(bucket, params)
         if identity.role != "aggregator":
             raise ValidationError(f"{identity.name!r} is not the aggregator")
         self.identity, self.layout = identity, layout
+        self.cache = None if cache is None else Path(cache)  # verified masked inputs, from roster to sum
         self.result: dict[str, np.ndarray] | None = None
         self.survivors: list[str] = []
         self.dropped: list[str] = []
+        self.refused: dict[str, str] = {}  # dropouts whose masked input was refused, and why
 
-    def _close(self, stage: str, present: list[str], previous: SecAggRoster | None) -> SecAggRoster:
-        roster = secagg.make_roster(self.params, stage, present, previous)
+    def _close(self, stage: str, present: list[str], previous: SecAggRoster | None,
+               refused: Mapping[str, str] | None = None) -> SecAggRoster:
+        roster = secagg.make_roster(self.params, stage, present, previous, refused)
         return self.bucket.publish(roster_key(self.params.session, stage), roster, self.identity).doc
+
+    def _verify_masked(self, docs: dict[str, SecAggMasked]) -> dict[str, str]:
+        """Read and check every masked input before the masked roster names its survivors (after
+        it, a survivor can no longer be left out: its neighbours reveal its self-mask shares).
+        site -> why its input is refused: unreadable, altered, malformed, or (without an expected
+        layout) a tensor layout other than most sites'. One payload in memory at a time."""
+        refused, layouts = {}, {}
+        for s, doc in sorted(docs.items()):
+            key = site_stage_key(s, self.params.session, "masked")
+            try:
+                arrays = _load_masked(self.bucket, doc, self.cache)
+                layouts[s] = secagg.layout_digest(arrays)
+                del arrays
+            except (ValidationError, NotFound) as exc:
+                refused[s] = f"masked input {doc.blob.key} refused: {exc}"
+                self.rejected[key] = f"{refused[s]}; {s} is treated as dropped in session {self.params.session}"
+        if self.layout is None and layouts:
+            counts: dict[str, int] = {}
+            for d in layouts.values():
+                counts[d] = counts.get(d, 0) + 1
+            want = min(counts, key=lambda d: (-counts[d], d))
+            for s, d in sorted(layouts.items()):
+                if d != want:
+                    refused[s] = f"masked input {docs[s].blob.key} refused: its tensor layout differs from the other sites'"
+                    self.rejected[site_stage_key(s, self.params.session, "masked")] = (
+                        f"{refused[s]}; {s} is treated as dropped in session {self.params.session}")
+        return refused
 
     def step(self, close: bool = False) -> str:
         """Publish the next roster once every expected site did its stage (or, with ``close``,
@@ -302,10 +351,15 @@ class SecureAggregator(_Party):
             docs = self._docs(stage, cls, expected)
             if previous is not None:
                 docs = {s: d for s, d in docs.items() if d.roster == digest(previous)}
-            if stage == "masked" and self.layout is not None:
-                want = secagg.layout_digest({n: np.empty(shape, dt) for n, (shape, dt) in self.layout.items()})
-                docs = {s: d for s, d in docs.items() if d.layout == want}
-            self._close(stage, sorted(docs), previous)
+            refused: dict[str, str] = {}
+            if stage == "masked":
+                if self.layout is not None:
+                    want = secagg.layout_digest({n: np.empty(shape, dt) for n, (shape, dt) in self.layout.items()})
+                    for s in sorted(d for d in docs if docs[d].layout != want):
+                        refused[s] = f"masked input {docs[s].blob.key} refused: its layout is not the session's"
+                        self.rejected[site_stage_key(s, session, "masked")] = refused[s]
+                refused.update(self._verify_masked({s: d for s, d in docs.items() if s not in refused}))
+            self._close(stage, sorted(docs), previous, refused)
             return f"roster {stage}"
         return self._finish(previous, close)
 
@@ -326,9 +380,17 @@ class SecureAggregator(_Party):
                                   f"{sorted(set(survivors) - set(masked_docs))}")
         total = None
         for s in survivors:  # one payload in memory at a time
-            total = secagg.add_masked(total, _load_masked(self.bucket, masked_docs[s]))
+            try:
+                arrays = _load_masked(self.bucket, masked_docs[s], self.cache)
+            except (ValidationError, NotFound) as exc:  # checked at the masked roster; altered since, and no cache
+                raise ValidationError(f"session {self.params.session}: {s}'s masked input, checked when the masked "
+                                      f"roster was closed, is now refused ({exc}); {s} can no longer be left out "
+                                      "(its neighbours revealed its self-mask shares), so the session cannot "
+                                      "finish", key=masked_docs[s].blob.key) from None
+            total = secagg.add_masked(total, arrays)
         self.result = secagg.remove_masks(self.params, keys, r_masked, total, unmasks)
         self.survivors, self.dropped = list(survivors), list(r_masked.dropped)
+        self.refused = dict(r_masked.rejected)
         return "done"
 
 
@@ -361,15 +423,17 @@ def site_round_step(bucket: Bucket, identity: Identity, workdir: str | os.PathLi
 
 
 def aggregator_round_step(bucket: Bucket, identity: Identity, base_version: int, *, global_path: str,
-                          weight_total: int, close: bool = False) -> tuple[str, dict[str, np.ndarray] | None, Any]:
+                          weight_total: int, close: bool = False, cache: str | os.PathLike[str] | None = None
+                          ) -> tuple[str, dict[str, np.ndarray] | None, Any]:
     """One step of the aggregator's secure round from global ``base_version``: (what it did, the
     survivors' weighted mean when ``done`` else None, the aggregator object: ``survivors``,
     ``dropped``, ``rejected``). ``close``: the round's deadline passed; close the current stage
-    with whoever is in."""
+    with whoever is in. ``cache``: where the masked inputs verified at the masked roster are kept."""
     from safetensors.numpy import load_file
 
     assert bucket.config is not None
-    agg = SecureAggregator(bucket, identity, session_params(bucket.config, round_session(base_version)))
+    agg = SecureAggregator(bucket, identity, session_params(bucket.config, round_session(base_version)),
+                           cache=cache)
     what = agg.step(close=close)
     while what.startswith("roster") and not close:  # rosters due now; a deadline closes one stage a step
         after = agg.step()

@@ -13,6 +13,7 @@ unknown to the aggregator (recorded as 1). See docs/secure-aggregation.md.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,8 @@ def site_secure_step(site: Any, pending: dict[str, Any], global_path: str) -> St
                            update_path=pending["path"], weight=weight, weight_total=total)
     if what in ("done", "excluded"):
         if what == "excluded":
-            log.warning("secure round from v%d closed without this site (too late): its update is dropped",
-                        pending["base"])
+            log.warning("secure round from v%d closed without this site (too late, or its masked update was "
+                        "refused: see the aggregator's status): its update is dropped", pending["base"])
         return None
     return StepResult(Action.WAIT, f"secure aggregation of r{pending['round']} from v{pending['base']}: {what}")
 
@@ -73,10 +74,12 @@ def aggregator_secure_step(agg: Any, version: int, current: Any, age_s: float) -
     glob = agg.inputs.fetch(current.doc.blob)
     _w, total = case_weights(agg.bucket, c.site_names[0])
     close = c.deadline_s > 0 and age_s >= c.deadline_s
+    session = round_session(version)
+    cache = Path(agg.work) / "secagg" / session  # the masked updates verified at the masked roster
     what, mean, state = aggregator_round_step(agg.bucket, agg.identity, version, global_path=glob,
-                                              weight_total=total, close=close)
+                                              weight_total=total, close=close, cache=cache)
     for key, reason in state.rejected.items():
-        agg.quarantine.reject(key, reason)
+        agg.quarantine.reject(key, reason, [key.split("/")[1]] if key.startswith(layout.SITES + "/") else ())
     if what != "done" or mean is None:
         agg.quarantine.flush()
         return StepResult(Action.WAIT, f"secure aggregation of v{version}: {what}", version=version)
@@ -86,7 +89,6 @@ def aggregator_secure_step(agg: Any, version: int, current: Any, age_s: float) -
     tensors = {**{k: v for k, v in load_file(glob).items() if k not in mean}, **mean}
     save_file(dict(sorted(tensors.items())), str(out), metadata={"version": str(version + 1)})
     blob = agg.inputs.put_own(str(out))
-    session = round_session(version)
     contributions = []
     for s in sorted(state.survivors):
         key = site_stage_key(s, session, "masked")
@@ -100,8 +102,10 @@ def aggregator_secure_step(agg: Any, version: int, current: Any, age_s: float) -
         version=version + 1, blob=blob, contributions=contributions,
         next_rounds={s: current.doc.next_rounds.get(s, 0) + 1 for s in c.site_names},
         report={"rule": "secure FedAvg", "reason": f"secure aggregation: {len(state.survivors)} site(s) unmasked"
-                + (f", {', '.join(state.dropped)} dropped and recovered" if state.dropped else "")},
+                + (f", {', '.join(state.dropped)} dropped and recovered" if state.dropped else "")
+                + (f" ({', '.join(sorted(state.refused))}: masked update refused)" if state.refused else "")},
         final=version + 1 >= c.rounds)
     agg._commit(doc)
+    shutil.rmtree(cache, ignore_errors=True)  # summed and published: the masked inputs are no longer needed
     return StepResult(Action.AGGREGATED, f"v{doc.version} from {len(contributions)} masked update(s)",
                       version=doc.version, extra={"sites": [x.site for x in contributions]})
