@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +97,7 @@ class NnunetSession:
                trainer: str | type = "nnUNetTrainer", plans: str = "nnUNetPlans", device: str = "cpu", *,
                total_epochs: int, iterations_per_epoch: int | None = None, val_iterations: int | None = None,
                output_folder_suffix: str | None = None, env: Mapping[str, str] | None = None,
-               num_threads: int | None = None) -> NnunetSession:
+               num_threads: int | None = None, prepare: Callable[[Any], None] | None = None) -> NnunetSession:
         """Build and initialise the trainer as ``nnUNetv2_train dataset configuration fold -tr trainer
         -p plans -device device`` would, with ``num_epochs = total_epochs``.
 
@@ -118,6 +118,10 @@ class NnunetSession:
         fail for any trainer outside nnunetv2's top level; for fedfs's own trainers
         (``nnUNetTrainerFedfsTiny``) the session then uses the class from
         :func:`trainer_search_path` directly, with a ``RuntimeWarning``.
+
+        ``prepare`` is called with the built trainer right before ``initialize()``: the one hook
+        :mod:`fedfs.nnunet.ddp` uses to keep a DDP rank on the CPU (nnU-Net forces ``cuda:<rank>``
+        under torch.distributed).
         """
         if total_epochs < 1:
             raise ConfigError(f"total_epochs must be at least 1, got {total_epochs}")
@@ -140,6 +144,8 @@ class NnunetSession:
             if torch.cuda.is_available():  # what run_training does, whatever the device
                 cudnn.deterministic = False
                 cudnn.benchmark = True
+            if prepare is not None:
+                prepare(t)
             t.initialize()
         return cls(t, snapshot)
 
@@ -193,6 +199,21 @@ class NnunetSession:
                      partial: bool = False) -> tuple[list[str], list[str]]:
         """Copy ``tensors`` into the network; return ``(loaded_keys, kept_keys)`` (see :func:`load_network_weights`)."""
         return load_network_weights(self.trainer, tensors, partial=partial)
+
+    def apply_pretrained(self, tensors: Mapping[str, torch.Tensor], *, partial: bool = False) -> dict[str, Any]:
+        """Load pretrained ``tensors`` after nnU-Net's shape checks (:func:`fedfs.nnunet.pretrained.apply_pretrained`)."""
+        from .pretrained import apply_pretrained
+
+        return apply_pretrained(self.trainer, tensors, partial=partial)
+
+    def held_plans(self) -> tuple[str, dict[str, Any]]:
+        """(plans identifier, plans) the trainer was built from."""
+        pm = self.trainer.plans_manager
+        return pm.plans_name, pm.plans
+
+    @property
+    def dataset_json(self) -> dict[str, Any]:
+        return self.trainer.dataset_json
 
     # ------------------------------------------------------------------ training
 
@@ -336,7 +357,7 @@ class NnunetSession:
                 trainer_module.default_num_processes = saved
         summary = self.output_folder / "validation" / "summary.json"
         dice = None
-        if summary.is_file():
+        if summary.is_file() and t.local_rank == 0:  # under DDP rank 0 writes it, after the other ranks return
             import json
 
             dice = _finite_or_none(json.loads(summary.read_text())["foreground_mean"]["Dice"])

@@ -31,6 +31,8 @@ class NnunetOptions:
     planner: str | None = None  # -pl; None: the federation's (ExperimentPlanner outside one)
     gpu_memory_target: float | None = None  # -gpu_memory_target
     device: str = "cpu"  # -device
+    num_gpus: int = 1  # --num-gpus (nnUNetv2_train -num_gpus): > 1 trains each round with nnU-Net's DDP
+    ddp_on_cpu: bool = False  # num_gpus > 1 on -device cpu, over gloo: tests the DDP path without GPUs
     num_processes: int | None = None  # -np (preprocessing)
     num_processes_fingerprint: int | None = None  # -npfp
     verify_dataset_integrity: bool = False
@@ -216,10 +218,9 @@ class NnunetWork:
         """The trainer's plans are the ones published: same identifier, same digest (else NnunetError)."""
         from ..fl.plans import plans_digest
 
-        t = self.session.trainer
-        held = t.plans_manager.plans
-        if t.plans_manager.plans_name != self.plans_identifier:
-            raise NnunetError(f"the trainer holds plans {t.plans_manager.plans_name!r}, the federation trains "
+        held_name, held = self.session.held_plans()
+        if held_name != self.plans_identifier:
+            raise NnunetError(f"the trainer holds plans {held_name!r}, the federation trains "
                               f"{self.plans_identifier!r}")
         digest = self._published_digest()
         if digest is not None and plans_digest(held) != digest:
@@ -233,11 +234,19 @@ class NnunetWork:
             return
         from .training import NnunetSession
 
-        self.session = NnunetSession.create(
-            self.o.dataset, self.o.configuration, 0 if self.o.fold is None else self.o.fold, self.o.trainer,
-            self.plans_identifier, self.o.device,
-            total_epochs=total_epochs, iterations_per_epoch=self.o.iterations_per_epoch,
-            val_iterations=self.o.val_iterations)
+        args = (self.o.dataset, self.o.configuration, 0 if self.o.fold is None else self.o.fold, self.o.trainer,
+                self.plans_identifier, self.o.device)
+        kwargs = {"total_epochs": total_epochs, "iterations_per_epoch": self.o.iterations_per_epoch,
+                  "val_iterations": self.o.val_iterations}
+        if self.o.num_gpus > 1:  # nnU-Net's DDP: one process per GPU, driven in lockstep (fedfs.nnunet.ddp)
+            from .ddp import DdpSession
+
+            threads = os.environ.get("FEDFS_TORCH_THREADS")
+            self.session = DdpSession.create(*args, **kwargs, num_gpus=self.o.num_gpus,
+                                             allow_cpu=self.o.ddp_on_cpu,
+                                             num_threads=max(1, int(threads)) if threads else None)
+        else:
+            self.session = NnunetSession.create(*args, **kwargs)
         try:
             self._check_trainer_plans()
         except NnunetError:
@@ -270,12 +279,11 @@ class NnunetWork:
 
     def _load_pretrained(self, ref: Any, local: str) -> None:
         from ..weights.tensors import load_weights
-        from .pretrained import apply_pretrained
 
         if not os.path.exists(local):
             self._fed.bucket.get_blob_file(ref, local)  # verified against federation.json's sha256
         tensors, _ = load_weights(local)
-        report = apply_pretrained(self.session.trainer, tensors, partial=self.mode == "asym")
+        report = self.session.apply_pretrained(tensors, partial=self.mode == "asym")
         log.info("pretrained weights %s: %d tensors loaded, %d segmentation head tensor(s) skipped (another label "
                  "count), %d kept from nnU-Net's initialisation", ref.sha256[:12], report["loaded"],
                  report["skipped_heads"], report["kept"])
@@ -296,7 +304,7 @@ class NnunetWork:
         save_weights(update_path, self.session.weights(), {"kind": "update", "epoch": str(self.session.epoch)})
         out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # nnU-Net's pseudo-Dice per label or region, under dataset.json's names: status and report show them
-        out.update(named_dice(self.session.trainer.dataset_json, metrics.get("dice_per_class") or []))
+        out.update(named_dice(self.session.dataset_json, metrics.get("dice_per_class") or []))
         return out
 
     def recover_round(self, epoch_before: int, epochs: int, update_path: str) -> bool:
