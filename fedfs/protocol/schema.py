@@ -272,10 +272,14 @@ class SiteCensus(Document):
     revision: int = 0  # N >= 1 supersedes the site's earlier censuses (before v0; docs/protocol.md)
     labels: dict[str, Any] = field(default_factory=dict)  # dataset.json "labels" ({} when not told)
     channel_names: dict[str, Any] = field(default_factory=dict)  # dataset.json "channel_names"
+    masked: bool = False  # secure FFE: the count goes into the masked census sum, so num_cases here is 0
 
     def validate(self, where: str) -> None:
         check_name(self.site)
-        require(self.num_cases >= 1, where, f"num_cases must be >= 1, got {self.num_cases}")
+        if self.masked:
+            require(self.num_cases == 0, where, f"a masked census carries num_cases 0, got {self.num_cases}")
+        else:
+            require(self.num_cases >= 1, where, f"num_cases must be >= 1, got {self.num_cases}")
         require(self.num_channels >= 1, where, f"num_channels must be >= 1, got {self.num_channels}")
 
 
@@ -291,9 +295,15 @@ class Census(Document):
     sources: dict[str, int] = field(default_factory=dict)  # site -> the census revision merged
     labels: dict[str, Any] = field(default_factory=dict)  # the labels every site shares
     channel_names: dict[str, Any] = field(default_factory=dict)
+    masked: bool = False  # secure FFE: total_cases is the unmasked sum; no site's count is known (sites is {})
 
     def validate(self, where: str) -> None:
-        require(self.total_cases == sum(self.sites.values()), where, "total_cases must equal the sum of site counts")
+        if self.masked:
+            require(not self.sites and self.total_cases >= 1, where,
+                    "a securely summed census names no site's count (sites must be empty) and a total >= 1")
+        else:
+            require(self.total_cases == sum(self.sites.values()), where,
+                    "total_cases must equal the sum of site counts")
 
 
 @document("fingerprint-summary")
