@@ -121,13 +121,19 @@ def export(url, key, workdir, federation_digest, storage_options, quiet, dataset
 @click.command("status", context_settings=CONTEXT)
 @readonly_options
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
-def status_command(url: str | None, as_json: bool, pin: str | None, storage_options: tuple[str, ...]) -> None:
+@click.option("--all", "all_sites", is_flag=True,
+              help="One row per site even past 40 sites (by default only the sites that stand out).")
+def status_command(url: str | None, as_json: bool, all_sites: bool, pin: str | None,
+                   storage_options: tuple[str, ...]) -> None:
     """Show where the federation at URL stands: one row per site, the current global.
 
     Read-only and needs no key: every file is verified against federation.json.
     Per site: phase, last heartbeat, the global it last trained from, staleness,
     last metrics and files rejected with the reason; then who contributed to the
-    current global. Files that do not verify are listed, never fatal.
+    current global. Files that do not verify are listed, never fatal. Past 40
+    sites: counts by phase, then only the sites that stand out (silent, rejected
+    files, stalest, worst Dice or loss, slowest), each with the reason; --all
+    lists every site.
 
     \b
     Example:
@@ -142,7 +148,7 @@ def status_command(url: str | None, as_json: bool, pin: str | None, storage_opti
         return
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 160).print(render_status(d))
+    Console(width=None if sys.stdout.isatty() else 160).print(render_status(d, all_sites=all_sites))
 
 
 @click.command("report", context_settings=CONTEXT)

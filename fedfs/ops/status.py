@@ -365,11 +365,16 @@ def _liveness_lines(d: dict[str, Any]) -> list[Any]:
     return lines
 
 
-def render_status(d: dict[str, Any]) -> Any:
-    """A rich renderable: federation summary, one row per site, contributions, rejections, problems."""
+def render_status(d: dict[str, Any], *, all_sites: bool = False) -> Any:
+    """A rich renderable: federation summary, one row per site, contributions, rejections, problems.
+
+    Past :data:`~fedfs.ops.status_scale.STATUS_ROWS` sites (unless ``all_sites``), counts by phase
+    and only the sites that stand out, each with the reason (:mod:`fedfs.ops.status_scale`)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
+
+    from .status_scale import at_scale, contribution_lines, notable_sites, phase_line
 
     f, g = d["federation"], d["global"]
     parts: list[Any] = []
@@ -386,14 +391,22 @@ def render_status(d: dict[str, Any]) -> Any:
                                f"{f['rounds']} rounds x {f['local_epochs']} epoch(s), aggregator {f['aggregator']}\n",
                                (head, "bold green" if g["final"] else "bold")))
 
-    t = Table(title="Sites", title_justify="left", expand=False)
+    folded = at_scale(d) and not all_sites
+    why = notable_sites(d) if folded else {}
+    if folded:
+        parts.append(Text(phase_line(d), style="bold"))
+    title = (f"Sites that stand out ({len(why)} of {len(d['sites'])}; `fedfs status --all` lists every site)"
+             if folded else "Sites")
+    t = Table(title=title, title_justify="left", expand=False)
     for col, kw in [("Site", {"style": "bold"}), ("Phase", {}), ("Cases (weight)", {"justify": "right"}),
                     ("Heartbeat", {}), ("Trained from", {}),
                     ("Staleness", {"justify": "right"}), ("Train loss", {"justify": "right"}),
                     ("Pseudo Dice", {"justify": "right"}), ("Epoch time", {"justify": "right"}),
-                    ("Rejected files", {})]:
+                    ("Rejected files", {})] + ([("Shown for", {})] if folded else []):
         t.add_column(col, **kw)
     for name, s in d["sites"].items():
+        if folded and name not in why:
+            continue
         m = s["metrics"]
         rej = "; ".join(f"{x['key'].rsplit('/', 1)[-1]}: {short_reason(x['key'], x['reason'])}"
                         for x in s["rejected"][-3:])
@@ -409,7 +422,8 @@ def render_status(d: dict[str, Any]) -> Any:
                   "-" if s["trained_from"] is None else f"v{s['trained_from']}",
                   _num(s["staleness"], "{}"), _num(m["train_loss"]),
                   _num(m["pseudo_dice"], "{:.3f}") + (f"\n{targets}" if targets else ""),
-                  _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"))
+                  _seconds(m["epoch_time"]), Text(rej or "-", style="red" if rej else "dim"),
+                  *([", ".join(why[name])] if folded else []))
     parts.append(t)
     parts.extend(_liveness_lines(d))
     if d.get("privacy"):  # the robust rule, DP budget and spending (fedfs.privacy.dp)
@@ -417,7 +431,10 @@ def render_status(d: dict[str, Any]) -> Any:
 
         parts.extend(Text(line) for line in privacy_lines(d["privacy"]))
 
-    if g["contributions"]:
+    if g["contributions"] and folded:
+        parts.append(Text(f"Contributions to v{g['version']} ({rule_label(g['rule'], f['aggregation'])}): "
+                          + "\n  ".join(contribution_lines(g))))
+    elif g["contributions"]:
         ct = Table(title=f"Contributions to v{g['version']} ({rule_label(g['rule'], f['aggregation'])})",
                    title_justify="left")
         for col in ("Site", "Update", "Trained from", "Staleness", "Weight"):
