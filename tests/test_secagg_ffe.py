@@ -71,7 +71,7 @@ def test_secure_ffe_step_by_step_over_the_bucket(tmp_path):
         what, census = ffe.aggregator_census_step(fed.bucket, ids["agg"])
         if census:
             break
-    assert census == {"total_cases": 10, "num_channels": 1}
+    assert census == {"total_cases": 10, "num_channels": 1, "survivors": names}
     summaries = {s: w.fingerprint_summary(10) for s, w in works.items()}
     geometries = {s: secagg_ffe.summary_input(summaries[s], secagg_ffe.IntegerGrid())[0] for s in names}
     fingerprint = None

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import NotFound, ValidationError
 from ..protocol import layout
-from ..protocol.schema import Census, Contribution, GlobalManifest, PlansDocument
+from ..protocol.schema import Census, Contribution, FingerprintSummary, GlobalManifest, PlansDocument
 from ..trust.bucket import Bucket
 from .steps import Action, StepResult
 
@@ -28,9 +28,11 @@ __all__ = ["aggregator_secure_step", "case_weights", "site_secure_step"]
 log = logging.getLogger("fedfs.roles.secure_round")
 
 
-def case_weights(bucket: Bucket, site: str) -> tuple[int, int]:
+def case_weights(bucket: Bucket, site: str | None) -> tuple[int, int]:
     """(this site's weight, every site's total) in the fixed-point sum: training cases from the newest
-    merged census (FFE) or the sites' plans (fedavg), or 1 each with uniform weighting."""
+    merged census (FFE) or the sites' plans (fedavg), or 1 each with uniform weighting. A securely
+    summed census (secure FFE) holds only the total: a site's own count is then its geometry's
+    (the case records it published). ``site`` None: the total only (the aggregator)."""
     c = bucket.config
     assert c is not None
     if c.weighting != "cases":
@@ -40,6 +42,12 @@ def case_weights(bucket: Bucket, site: str) -> tuple[int, int]:
         if newest is None:
             raise NotFound("no merged census yet", key=layout.CENSUS)
         census = bucket.read(layout.census_key(newest), Census).doc
+        if site is None:
+            return 1, int(census.total_cases)
+        if census.masked:
+            rev = layout.newest_revision(lambda n: layout.site_fingerprint(site, n), None, bucket.store.exists)
+            summary = bucket.read(layout.site_fingerprint(site, rev or 0), FingerprintSummary).doc.summary
+            return int(summary["num_cases"]), int(census.total_cases)
         return int(census.sites.get(site, 1)), int(census.total_cases)
     cases = {}
     for s in c.site_names:
@@ -72,7 +80,7 @@ def aggregator_secure_step(agg: Any, version: int, current: Any, age_s: float) -
 
     c = agg.config
     glob = agg.inputs.fetch(current.doc.blob)
-    _w, total = case_weights(agg.bucket, c.site_names[0])
+    _w, total = case_weights(agg.bucket, None)
     close = c.deadline_s > 0 and age_s >= c.deadline_s
     session = round_session(version)
     cache = Path(agg.work) / "secagg" / session  # the masked updates verified at the masked roster

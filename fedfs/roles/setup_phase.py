@@ -125,6 +125,14 @@ class SetupPhase:
             sites, why = mismatch
             return self._problem("census", f"{why}. Correct the wrong site's dataset, then run "
                                            f"`{REDO}` there", sites)
+        if getattr(self.config, "secure_aggregation", False):  # the counts are summed under masking
+            from .secure_setup import aggregator_census
+
+            return aggregator_census(self, censuses, revision)
+        masked = sorted(s for s, d in censuses.items() if d.masked)
+        if masked:
+            return self._problem("census", f"site(s) {', '.join(masked)} published a masked census (secure FFE), but "
+                                           "this federation does not use secure aggregation", masked)
         over = {s: self.config.case_claim_problem(s, d.num_cases) for s, d in censuses.items()}
         over = {s: why for s, why in over.items() if why}
         if over:
@@ -149,6 +157,10 @@ class SetupPhase:
         """Merge the summaries into revision ``revision`` (the one after the newest this step saw)."""
         from ..fl.fingerprint import merge_summaries
 
+        if census.masked:  # secure FFE: geometries in the clear, intensity histograms summed under masking
+            from .secure_setup import aggregator_fingerprint
+
+            return aggregator_fingerprint(self, summaries, census, revision)
         for s, d in sorted(summaries.items()):
             n = d.summary.get("num_cases")
             if isinstance(n, int) and n != census.sites[s]:

@@ -41,12 +41,27 @@ class SiteSetup:
         # and reports "blocked" (the aggregator passes over a bad revision and supersedes its own)
         self.revisions = Revisions(site.bucket, site.quarantine)  # junk at a newer revision is skipped, not fatal
         self.redo_summary = False  # publish a new summary even if the current one answers the census
+        self.secure = bool(getattr(site.config, "secure_aggregation", False))  # secure FFE (roles/secure_setup.py)
+        self._measured: dict[str, Any] | None = None
+        self._summary: tuple[int, dict[str, Any]] | None = None
 
     def _own_census(self) -> Any:
         return self.revisions.latest(partial(layout.site_census, self.name), SiteCensus)
 
     def _own_summary(self) -> Any:
         return self.revisions.latest(partial(layout.site_fingerprint, self.name), FingerprintSummary)
+
+    def measured(self) -> dict[str, Any]:
+        """:meth:`measure`, once per process (a secure session's masked input is asked for more than once)."""
+        if self._measured is None:
+            self._measured = self.measure()
+        return self._measured
+
+    def summary_for(self, total_cases: int) -> dict[str, Any]:
+        """The fingerprint summary for ``total_cases``, computed once per process (deterministic)."""
+        if self._summary is None or self._summary[0] != total_cases:
+            self._summary = (total_cases, self.site.work.fingerprint_summary(total_cases))
+        return self._summary[1]
 
     def measure(self) -> dict[str, Any]:
         """The census fields of the dataset as it is now (the local work checks its integrity)."""
@@ -62,7 +77,14 @@ class SiteSetup:
         summary, return (its revision, the fingerprint) for planning."""
         own = self._own_census()
         if own is None:
-            return self._publish_census(self.measure(), self._next(layout.site_census))
+            fields = self.measured() if self.secure else self.measure()
+            return self._publish_census(fields, self._next(layout.site_census))
+        if self.secure:  # our count goes into the masked sum (its session is done once we revealed our shares)
+            from . import secure_setup
+
+            progress = secure_setup.site_census(self)
+            if progress is not None:
+                return progress
         sites = self.site.config.site_names
         merged = self.revisions.latest(layout.census_key, Census)
         if merged is None or Revisions.sources(merged.doc, sites).get(self.name) != own.doc.revision:
@@ -70,21 +92,38 @@ class SiteSetup:
                              f"waiting for the aggregator's census of revision {own.doc.revision} of ours")
         summary = self._own_summary()
         if summary is None or summary.doc.census_revision != merged.doc.revision or self.redo_summary:
+            if self.secure:
+                from . import secure_setup
+
+                return secure_setup.site_geometry(self, merged.doc, self._next(layout.site_fingerprint))
             return self._publish_summary(merged.doc, self._next(layout.site_fingerprint))
+        if self.secure:
+            from . import secure_setup
+
+            progress = secure_setup.site_summary(self, merged.doc)
+            if progress is not None:
+                return progress
         gfp = self.revisions.latest(layout.global_fingerprint_key, GlobalFingerprint)
         if gfp is None or Revisions.sources(gfp.doc, sites).get(self.name) != summary.doc.revision:
             return self.wait("waiting for the merged fingerprint")
+        if self.secure:
+            from . import secure_setup
+
+            secure_setup.forget(self)  # both sums are out: the sessions' secrets are no longer needed
         return gfp.doc.revision, gfp.doc.fingerprint
 
     def _next(self, key_fn: Any) -> int:
         return self.revisions.next(partial(key_fn, self.name))
 
     def _publish_census(self, fields: dict[str, Any], revision: int) -> StepResult:
+        if self.secure:  # the count goes into the masked census sum, not into this document
+            fields = {**fields, "num_cases": 0, "masked": True}
         doc = SiteCensus(site=self.name, revision=revision, **fields)
         self.bucket.publish(layout.site_census(self.name, revision), doc, self.site.identity)
-        self.site.heartbeat("census", f"{doc.num_cases} cases")
+        cases = "case count masked" if self.secure else f"{doc.num_cases} cases"
+        self.site.heartbeat("census", cases)
         what = f"superseding census (revision {revision})" if revision else "published"
-        return StepResult(Action.CENSUS, f"{what}: {doc.num_cases} cases, {doc.num_channels} channel(s)")
+        return StepResult(Action.CENSUS, f"{what}: {cases}, {doc.num_channels} channel(s)")
 
     def _publish_summary(self, census: Census, revision: int) -> StepResult:
         summary = self.site.work.fingerprint_summary(census.total_cases)
@@ -100,6 +139,10 @@ class SiteSetup:
     def redo(self) -> str:
         """Measure the dataset again and supersede the census (or, unchanged, the summary); before
         ``v0`` and before this site planned only. ConfigError saying why not otherwise."""
+        if self.secure:
+            from .secure_setup import REDO_REFUSED
+
+            raise ConfigError(REDO_REFUSED)
         if self.bucket.latest_version() is not None:
             raise ConfigError("training has started (the initial global v0 is out): the census and fingerprint "
                               "can no longer be superseded; create a new federation (`fedfs init` on a new "

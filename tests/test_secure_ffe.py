@@ -1,0 +1,143 @@
+"""Secure FFE wired into the set-up phase: the same toy data federated once with plain FFE and
+once with secure aggregation give the same merged fingerprint, while the secure federation's
+bucket holds no site's case count (census) or intensity table; sites and the aggregator killed
+mid-session resume; data an integer grid cannot hold is refused naming the site."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedfs import layout
+from fedfs.errors import ConfigError
+from fedfs.protocol.schema import Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, SiteCensus
+from fedfs.roles.aggregator import Aggregator
+from fedfs.roles.site import Site
+from fedfs.testing.toy import ToyWork, toy_federation
+from fedfs.weights.tensors import load_weights
+
+CASES = {"A": 2, "B": 3, "C": 5}
+
+
+def federation(root, **settings):
+    fed, agg, sites = toy_federation(root, "ABC", mode="ffe", rounds=1, **settings)
+    for s, site in sites.items():
+        site.work.cases = CASES[s]
+    return fed, agg, sites
+
+
+def drive(agg, sites, max_steps=60, on_step=None):
+    for i in range(max_steps):
+        if all(s.state.finished for s in sites.values()):
+            return
+        agg.step()
+        for name in list(sites):
+            r = sites[name].step()
+            if on_step is not None:
+                on_step(name, r)
+    raise AssertionError("the federation did not finish")
+
+
+def merged(fed):
+    return fed.bucket.read(layout.GLOBAL_FINGERPRINT, GlobalFingerprint).doc
+
+
+def assert_same_fingerprint(secure, plain):
+    secure, plain = dict(secure), dict(plain)
+    ps = secure.pop("foreground_intensity_properties_per_channel")
+    pp = plain.pop("foreground_intensity_properties_per_channel")
+    assert secure == plain  # spacings, shapes after crop, median relative size: identical
+    assert sorted(ps) == sorted(pp)
+    for c in ps:
+        for k in ("median", "min", "max", "percentile_00_5", "percentile_99_5"):
+            assert ps[c][k] == pp[c][k], (c, k)  # order statistics: bit for bit
+        for k in ("mean", "std"):  # the secure value is the correctly rounded exact one; plain's float merge
+            assert ps[c][k] == pytest.approx(pp[c][k], rel=1e-13, abs=0), (c, k)  # may differ in the last bits
+
+
+def test_secure_ffe_federation_gives_plain_ffe_fingerprint_and_hides_counts(tmp_path):
+    # Prepare: the same three toy sites (2, 3 and 5 cases), plain and secure
+    plain, p_agg, p_sites = federation(tmp_path / "plain")
+    secure, s_agg, s_sites = federation(tmp_path / "secure", secure_aggregation=True)
+    # Execute
+    drive(p_agg, p_sites)
+    drive(s_agg, s_sites)
+    # Assert: the merged fingerprint is plain FFE's
+    assert_same_fingerprint(merged(secure).fingerprint, merged(plain).fingerprint)
+    assert merged(secure).total_cases == merged(plain).total_cases == 10
+    # ... the merged census holds the total only, each site's census no count, each summary no intensity table
+    census = secure.bucket.read(layout.CENSUS, Census).doc
+    assert census.masked and census.sites == {} and census.total_cases == 10 and census.num_channels == 1
+    for s in CASES:
+        sc = secure.bucket.read(layout.site_census(s), SiteCensus).doc
+        assert sc.masked and sc.num_cases == 0 and sc.labels == {"background": 0, "foreground": 1}
+        summary = secure.bucket.read(layout.site_fingerprint(s), FingerprintSummary).doc.summary
+        assert "channels" not in summary and summary["num_cases"] == CASES[s]  # geometry only (one record a case)
+        assert not (tmp_path / "secure" / s / "secagg").exists() or not any(
+            (tmp_path / "secure" / s / "secagg").glob("ffe-*"))  # set-up secrets forgotten once the merge is out
+    for session in ("ffe-census", "ffe-summary"):
+        assert secure.store.exists(f"aggregator/secagg/{session}/masked.json")
+    # ... and the secure round weighs each site by its own case count: v1 equals plain FFE's case-weighted v1
+    w = {}
+    for name, fed in (("plain", plain), ("secure", secure)):
+        m = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
+        w[name] = load_weights(fed.bucket.get_blob_file(m.blob, str(tmp_path / f"{name}.safetensors")))[0]
+    for k, t in w["plain"].items():
+        assert torch.allclose(w["secure"][k].double(), t.double(), rtol=0, atol=1e-6), k
+
+
+def test_secure_ffe_resumes_after_crashes_mid_session(tmp_path):
+    # Prepare: C is killed after masking its census and after sharing in the summary merge; the aggregator
+    # is killed after the census roster of the masked stage; each comes back as a new process on its workdir
+    plain, p_agg, p_sites = federation(tmp_path / "plain")
+    drive(p_agg, p_sites)
+    fed, agg, sites = federation(tmp_path / "secure", secure_aggregation=True)
+    keys = tmp_path / "secure" / "keys"
+    crashes = []
+
+    def on_step(name, r):
+        if name == "C" and r.detail in ("secure census: masked", "secure fingerprint merge: shared"):
+            work = ToyWork("C", cases=CASES["C"], seed=2)
+            sites["C"] = Site(fed.as_party(keys / "C.key"), work, tmp_path / "secure" / "C")
+            crashes.append(r.detail)
+
+    # Execute
+    for _ in range(6):
+        agg.step()
+        for name in list(sites):
+            on_step(name, sites[name].step())
+    agg = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "secure" / "agg")
+    drive(agg, sites, on_step=on_step)
+    # Assert
+    assert crashes == ["secure census: masked", "secure fingerprint merge: shared"]
+    assert_same_fingerprint(merged(fed).fingerprint, merged(plain).fingerprint)
+
+
+class RealValued(ToyWork):
+    """A site whose intensities are not integers (say, MRI stored as float)."""
+
+    def fingerprint_summary(self, total_cases):
+        from fedfs.fl.fingerprint import SiteSummaryBuilder, summarize_samples
+
+        rng = np.random.default_rng(self.seed)
+        spc = int(1000 // total_cases)
+        b = SiteSummaryBuilder(1, total_cases, spc)
+        for _ in range(self.cases):
+            b.add_case([1.0, 1.0], [64, 64], 1.0, [summarize_samples(rng.normal(0.5, 0.1, spc).astype(np.float32))],
+                       "float32")
+        return b.summary()
+
+
+def test_secure_ffe_refuses_real_valued_intensities_and_redo(tmp_path):
+    fed, agg, sites = toy_federation(tmp_path, "ABC", mode="ffe", rounds=1, secure_aggregation=True,
+                                     work=RealValued)
+    with pytest.raises(ConfigError, match="cannot be superseded"):
+        sites["A"].setup.redo()
+    with pytest.raises(ConfigError, match=r"site A's fingerprint summary, channel 0: secure FFE needs integer "
+                                          r"intensities.*not all integers.*without --secure-aggregation"):
+        for _ in range(12):
+            agg.step()
+            for s in sites.values():
+                s.step()
+    assert not fed.store.exists(layout.site_fingerprint("A"))  # nothing of its intensities was published
