@@ -105,3 +105,21 @@ def test_a_rank_that_fails_is_named_and_every_rank_stops(site, tmp_path, monkeyp
         DdpSession.create(DATASET, "2d", 0, "nnUNetTrainerNoSuch", "nnUNetPlans", "cpu", num_gpus=2,
                           total_epochs=1, allow_cpu=True, env={"nnUNet_n_proc_DA": "0"})
     assert {p.pid for p in multiprocessing.active_children()} <= before
+
+
+def test_site_commands_refuse_num_gpus_that_cannot_run_before_any_set_up(tmp_path):
+    from click.testing import CliRunner
+
+    from fedfs.cli.app import main
+    from fedfs.trust.signing import generate_keypair
+
+    keys, url = tmp_path / "keys", str(tmp_path / "bucket")
+    generate_keypair("agg", "aggregator", keys)
+    generate_keypair("A", "site", keys)
+    assert CliRunner().invoke(main, ["init", url, "--sites", "A", "--keys", str(keys), "--rounds", "1"]).exit_code == 0
+    site = ["site", "step", url, "--key", str(keys / "A.key"), "--workdir", str(tmp_path / "w"), "-d", "771"]
+    for extra, said in ((["-device", "cpu", "--num-gpus", "2"], "--num-gpus 2 with -device cpu"),
+                        (["-device", "cpu", "-num_gpus", "0"], "--num-gpus must be a whole number of at least 1")):
+        r = CliRunner().invoke(main, site + extra)  # `fedfs` maps ConfigError to its exit code 2
+        assert isinstance(r.exception, ConfigError) and said in str(r.exception), r.output
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())  # nothing was set up

@@ -121,6 +121,9 @@ nnunet_options = apply([
         help="As nnUNetv2_train -device (default: cuda). Unset and no CUDA device: the CPU, with a warning "
              "at start; an explicit cuda or mps that torch cannot use is an error. Pick the GPU with "
              "CUDA_VISIBLE_DEVICES."),
+    opt("--num-gpus", "-num_gpus", "num_gpus", type=int, default=1, show_default=True,
+        help="As nnUNetv2_train -num_gpus: train each round with nnU-Net's DDP over N GPUs (N processes in "
+             "lockstep, rank 0 publishes). Needs -device cuda and N visible GPUs; 1 trains in this process."),
     opt("-np", "num_processes", type=int, default=None, help="Processes for preprocessing."),
     opt("-npfp", "num_processes_fingerprint", type=int, default=None, help="Processes for fingerprinting."),
     opt("--verify_dataset_integrity", "verify_dataset_integrity", is_flag=True),

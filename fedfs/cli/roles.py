@@ -97,6 +97,9 @@ def make_site(url: str | None, key: str | None, workdir: str | None, federation_
     if conf != fed.config.configuration:
         raise ConfigError(f"the federation trains {fed.config.configuration!r}, not {conf!r}")
     nnunet["device"] = _training_device(nnunet.get("device"))
+    from ..nnunet.ddp import check_num_gpus
+
+    check_num_gpus(nnunet.get("num_gpus", 1), nnunet["device"])  # before any set-up: a typo costs nothing
     fields = {f.name for f in dataclasses.fields(NnunetOptions)}
     options = NnunetOptions(dataset=str(dataset), configuration=conf, validate=not no_final_validation,
                             **{k: v for k, v in nnunet.items() if k in fields})
