@@ -9,6 +9,8 @@ polling a folder, every store call counted). Only counts are asserted, never tim
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,12 @@ def small_sim(scale, tmp_path_factory):
     return scale.simulate(5, "sync", 2, 60.0, tmp_path_factory.mktemp("sim"))
 
 
+@pytest.fixture(scope="module")
+def folded_sim(scale, tmp_path_factory):
+    """45 simulated sites (past the 40 where ``fedfs status`` folds its table), with the tools timed."""
+    return scale.simulate(45, "sync", 1, 60.0, tmp_path_factory.mktemp("sim45"), report=True)
+
+
 def test_thirty_processes_finish(thirty):
     assert thirty["completed"], thirty["failures"]
     assert thirty["updates_per_version"] == 30
@@ -59,3 +67,19 @@ def test_aggregator_idle_poll_does_not_grow_with_n(thirty, small_sim):
     assert thirty["idle_poll_aggregator_requests"]["mode"] == small_sim["idle_poll_aggregator_requests"], (
         f"an idle aggregator poll costs {thirty['idle_poll_aggregator_requests']['mode']} requests with 30 sites, "
         f"{small_sim['idle_poll_aggregator_requests']} with 5")
+
+
+def test_tools_timed_folded_all_json_and_report(folded_sim):
+    tools = folded_sim["tools"]
+    assert set(tools) == {"status", "status_all", "status_json", "report"}
+    assert all(t["exit_code"] == 0 and t["bytes"] > 0 for t in tools.values()), tools
+    # past 40 sites the text form names only the sites that stand out; --all prints a row for each
+    assert tools["status"]["bytes"] < tools["status_all"]["bytes"], tools
+
+
+def test_script_runs_from_another_folder(tmp_path):
+    # the CLI imports its sibling modules (scale_common, scale_processes, scale_sim) from its own folder
+    done = subprocess.run([sys.executable, str(BENCH), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--no-processes" in done.stdout
