@@ -82,8 +82,6 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
         # the next round starts from the global on every rank, whatever each rank held before
         s.load_weights(glob)
         assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), glob)
-        out = work.finish(str(tmp_path / "update.safetensors"))
-        assert out["epochs"] == 1 and os.path.isfile(out["checkpoint_final"])
     finally:
         pids = work.session.pids if work.session is not None else []
         work.close()
@@ -91,6 +89,19 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]  # joined, nothing orphaned
     with pytest.raises(NnunetError, match="closed"):
         work.session.rank_digests()
+
+    # a restarted site: every rank resumes from rank 0's nnU-Net checkpoint, then finishes
+    again = NnunetWork(NnunetOptions(dataset=str(DATASET), trainer=TINY, num_gpus=2, ddp_on_cpu=True,
+                                     validate=False))
+    try:
+        again.start(total_epochs=2)
+        assert again.epoch == 1 and again.session.resumed_from.name == "checkpoint_latest.pth"
+        assert len(set(again.session.rank_digests())) == 1 and not _differs(again.session.weights(), update)
+        out = again.finish(str(tmp_path / "update.safetensors"))
+        assert out["epochs"] == 1 and os.path.isfile(out["checkpoint_final"])
+    finally:
+        again.close()
+    assert again.session.alive() == []
 
 
 @pytest.mark.nnunet

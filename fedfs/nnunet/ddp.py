@@ -21,6 +21,8 @@ may be blocked in a collective) and raises :class:`~fedfs.errors.NnunetError` na
 the command and the reason. Workers leave when the parent closes the session, when it is
 garbage-collected or exits, and when it dies (each worker watches its parent's pid).
 
+The worker side (the rank's command loop and the CPU adjustments) is :mod:`fedfs.nnunet.ddp_worker`.
+
 What runs where. On the CPU (``-device cpu``, opted into with ``allow_cpu``: the tests) the
 ranks use gloo, and two documented adjustments keep nnU-Net's trainer on the CPU: after
 building it, its device (nnU-Net forces ``cuda:<rank>`` under torch.distributed) is set back to
@@ -37,14 +39,11 @@ network would fail on the CPU), autocast and the GradScaler (``benchmarks/ddp_gp
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
-import traceback
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["DdpSession", "check_num_gpus", "free_port"]
 
 _JOIN_S = 30.0  # how long a closing worker may take before it is terminated
-_WATCH_S = 1.0  # how often a worker checks that its parent lives
 
 
 def check_num_gpus(num_gpus: int, device: str, *, allow_cpu: bool = False, share_gpu: bool = False) -> None:
@@ -102,187 +100,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-# ---------------------------------------------------------------------------------------------- worker side
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit this worker (and its own children) once its parent is gone: no orphaned ranks."""
-    import multiprocessing
-
-    while os.getppid() == parent_pid:
-        time.sleep(_WATCH_S)
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(Exception):
-            child.kill()
-    os._exit(3)
-
-
-def _rank_device(device: str, rank: int, share_gpu: bool) -> str:
-    if device != "cuda":
-        return "cpu"
-    import torch
-
-    return f"cuda:{rank % torch.cuda.device_count() if share_gpu else rank}"
-
-
-def _keep_on_device(rank_device: str, share_gpu: bool):
-    """The ``prepare`` hook of the CPU and shared-GPU paths: the trainer's device is ours (nnU-Net
-    forced ``cuda:<rank>`` under torch.distributed), and on the CPU without a GradScaler (made for
-    cuda). nnU-Net's own GPU path (one GPU per rank) needs no hook."""
-    import torch
-
-    def prepare(trainer: Any) -> None:
-        trainer.device = torch.device(rank_device)
-        if trainer.device.type == "cpu":
-            trainer.grad_scaler = None
-
-    return prepare if rank_device == "cpu" or share_gpu else None
-
-
-def _rebind_ddp(rank_device: str) -> None:
-    """nnU-Net's trainer wraps its network in ``DDP(network, device_ids=[local_rank])``, which a CPU
-    module refuses (and a shared GPU's index is not the rank): in this worker process only, the
-    trainer module's name ``DDP`` calls DistributedDataParallel with this rank's device instead."""
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    dev = torch.device(rank_device)
-
-    def ddp(module: Any, device_ids: Any = None, **kwargs: Any) -> DistributedDataParallel:
-        return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None, **kwargs)
-
-    trainer_module.DDP = ddp
-
-
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of ``tensors``."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(k.encode() + str(tuple(v.shape)).encode() + str(v.dtype).encode())
-        h.update(v.view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class _Rank:
-    """One worker's commands, executed on its own :class:`NnunetSession`."""
-
-    def __init__(self, session: Any, rank: int):
-        self.s, self.rank = session, rank
-
-    def resume(self) -> str | None:
-        return str(self.s.resumed_from) if self.s.resume() else None
-
-    def load_weights(self, path: str, partial: bool) -> tuple[list[str], list[str]]:
-        from ..weights.tensors import load_weights
-
-        return self.s.load_weights(load_weights(path)[0], partial=partial)
-
-    def apply_pretrained(self, path: str, partial: bool) -> dict[str, Any]:
-        from ..weights.tensors import load_weights
-
-        return self.s.apply_pretrained(load_weights(path)[0], partial=partial)
-
-    def weights(self, path: str) -> None:
-        if self.rank == 0:
-            from ..weights.tensors import save_weights
-
-            save_weights(path, self.s.weights(), {"kind": "ddp-rank0"})
-
-    def train_epochs(self, n: int, schedule_epoch: int | None) -> dict[str, Any]:
-        return self.s.train_epochs(n, schedule_epoch=schedule_epoch)
-
-    def split_sizes(self) -> tuple[int, int]:
-        return self.s.split_sizes()
-
-    def save_checkpoint(self, name: str) -> str:
-        return str(self.s.save_checkpoint(name))
-
-    def finish(self, validate: bool, allow_early: bool, validation_processes: int | None) -> FinishResult:
-        return self.s.finish(validate, allow_early=allow_early, validation_processes=validation_processes)
-
-    def facts(self) -> dict[str, Any]:
-        t = self.s.trainer
-        return {"plans_name": t.plans_manager.plans_name, "plans": t.plans_manager.plans,
-                "dataset_json": t.dataset_json, "output_folder": str(self.s.output_folder),
-                "num_epochs": self.s.num_epochs}
-
-    def spec(self) -> ModelSpec:
-        # the class may live in a module only nnU-Net's search path knows: the parent looks it up by name
-        return dataclasses.replace(self.s.spec(), trainer_class=None)
-
-    def digest(self) -> str:
-        return _digest(self.s.weights())
-
-    def batch_size(self) -> int:
-        return int(self.s.trainer.batch_size)
-
-    def rank_info(self) -> dict[str, Any]:
-        import torch
-        import torch.distributed as dist
-
-        t = self.s.trainer
-        name = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "cpu"
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(t.device), "device_name": name,
-                "is_ddp": bool(t.is_ddp), "backend": str(dist.get_backend()), "batch_size": int(t.batch_size)}
-
-
-def _worker(rank: int, world: int, port: int, backend: str, conn: Any, parent_pid: int, device: str,
-            share_gpu: bool, create: dict[str, Any]) -> None:
-    """A rank: join the process group, build the session, then run the parent's commands until 'close'."""
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    session = None
-    try:
-        import datetime
-
-        import torch
-        import torch.distributed as dist
-
-        from .training import NnunetSession
-
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        dev = _rank_device(device, rank, share_gpu)
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(torch.device(dev))  # as run_ddp does
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
-        prepare = _keep_on_device(dev, share_gpu)
-        if prepare is not None:
-            _rebind_ddp(dev)
-        session = NnunetSession.create(**create, device=device, prepare=prepare)
-        handler = _Rank(session, rank)
-        conn.send(("ok", handler.rank_info(), session.epoch))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        return
-    try:
-        while True:
-            try:
-                name, kwargs = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                break
-            if name == "close":
-                break
-            try:
-                result = getattr(handler, name)(**kwargs)
-                conn.send(("ok", result, session.epoch))
-            except BaseException as exc:  # noqa: BLE001
-                conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            session.close()
-        with contextlib.suppress(Exception):
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------- parent side
@@ -363,6 +180,8 @@ class DdpSession:
                   "env": snapshot, "num_threads": num_threads}
         import torch.multiprocessing as tmp
 
+        from .ddp_worker import worker
+
         ctx = tmp.get_context("spawn")
         scratch = tempfile.mkdtemp(prefix="fedfs-ddp-")
         port = free_port()
@@ -371,7 +190,7 @@ class DdpSession:
             for rank in range(num_gpus):
                 parent_end, child_end = ctx.Pipe()
                 # not daemonic: a rank starts nnU-Net's augmentation workers and validation pool
-                p = ctx.Process(target=_worker, name=f"fedfs-ddp-rank{rank}", daemon=False,
+                p = ctx.Process(target=worker, name=f"fedfs-ddp-rank{rank}", daemon=False,
                                 args=(rank, num_gpus, port, backend, child_end, os.getpid(), device, share_gpu,
                                       create))
                 p.start()
