@@ -141,3 +141,53 @@ def test_secure_ffe_refuses_real_valued_intensities_and_redo(tmp_path):
             for s in sites.values():
                 s.step()
     assert not fed.store.exists(layout.site_fingerprint("A"))  # nothing of its intensities was published
+
+
+def test_secure_ffe_with_nnunet_gives_plain_ffe_fingerprint(tmp_path, monkeypatch):
+    """Real nnU-Net sampling (three small CT-like sites): a secure federation's set-up phase up to the
+    merged fingerprint (planning is tests/test_ffe_bucket.py's) gives what plain FFE's aggregator merges
+    from the very summaries the sites computed (nnU-Net's sampling costs ~13 s a site, so once)."""
+    from fedfs.federation import Federation, config_from_key_dir
+    from fedfs.fl.fingerprint import merge_census, merge_summaries
+    from fedfs.nnunet.work import NnunetOptions, NnunetWork
+    from fedfs.trust.signing import generate_keypair
+    from test_ffe_nnunet import SITES, _case, _write
+
+    # Prepare
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    rs = np.random.RandomState(3)
+    for site, (ds_id, n, spacing, hu) in SITES.items():
+        _write(str(tmp_path / "nnUNet_raw"), ds_id, f"Site{site}", [(f"{site}{i}", *_case(rs, spacing, hu))
+                                                                     for i in range(n)])
+    keys = tmp_path / "keys"
+    generate_keypair("agg", "aggregator", keys)
+    for s in SITES:
+        generate_keypair(s, "site", keys)
+    config, agg_key = config_from_key_dir(keys, list(SITES), mode="ffe", rounds=1, secure_aggregation=True)
+    fed, _ = Federation.create(str(tmp_path / "bucket"), config, agg_key)
+    agg = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "agg")
+    sites = {s: Site(fed.as_party(keys / f"{s}.key"), NnunetWork(NnunetOptions(
+        dataset=str(ds), num_processes=1, num_processes_fingerprint=1)), tmp_path / s)
+        for s, (ds, *_) in SITES.items()}
+    # Execute: step until the merged fingerprint is out (before anyone plans)
+    for _ in range(20):
+        if fed.store.exists(layout.GLOBAL_FINGERPRINT):
+            break
+        agg.step()
+        for site in sites.values():
+            site.step()
+    # Assert: plain FFE's merge of the sites' own (full) summaries, which never left them
+    summaries = {s: site.setup.summary_for(merged(fed).total_cases) for s, site in sites.items()}
+    census = merge_census({s: {"num_cases": SITES[s][1], "num_channels": 1} for s in SITES})
+    plain = merge_summaries(json_trip(summaries), census)
+    assert_same_fingerprint(merged(fed).fingerprint, plain)
+    assert summaries["A"]["channels"][0]["mantissa_bits"] is None  # exact tables: real CT-like integers
+    assert len(plain["spacings"]) == census["total_cases"] == 12
+
+
+def json_trip(doc):
+    import json
+
+    return json.loads(json.dumps(doc, allow_nan=False))
