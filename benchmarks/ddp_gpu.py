@@ -76,7 +76,7 @@ def run(cpu: bool, ranks: int, epochs: int, iterations: int, root: Path) -> dict
     from fedfs.nnunet.ddp import DdpSession
     from fedfs.nnunet.training import NnunetSession
 
-    env = _prepare(root)
+    _prepare(root)
     common = {"total_epochs": epochs, "iterations_per_epoch": iterations, "val_iterations": max(1, iterations // 5)}
     if cpu:
         device, share, devices_visible = "cpu", False, 0
