@@ -8,6 +8,7 @@ benchmarks/ddp_gpu.py on a GPU machine."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -99,9 +100,12 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
         assert len(set(again.session.rank_digests())) == 1 and not _differs(again.session.weights(), update)
         out = again.finish(str(tmp_path / "update.safetensors"))
         assert out["epochs"] == 1 and os.path.isfile(out["checkpoint_final"])
+        os.kill(again.session.pids[1], signal.SIGKILL)  # a rank that dies ends the session, naming it
+        with pytest.raises(NnunetError, match="DDP rank 1 died during digest"):
+            again.session.rank_digests()
+        assert again.session.alive() == []  # rank 0 was stopped too
     finally:
         again.close()
-    assert again.session.alive() == []
 
 
 @pytest.mark.nnunet

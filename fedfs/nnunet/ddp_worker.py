@@ -34,16 +34,21 @@ __all__ = ["Rank", "worker", "keep_on_device", "rebind_ddp", "rank_device", "dig
 _WATCH_S = 1.0  # how often a worker checks that its parent lives
 
 
-def watch_parent(parent_pid: int) -> None:
-    """Exit this worker (and its own children) once its parent is gone: no orphaned ranks."""
+def _exit_with_children(code: int) -> None:
+    """Kill this rank's own children (nnU-Net's augmentation workers, a validation pool), then exit."""
     import multiprocessing
 
-    while os.getppid() == parent_pid:
-        time.sleep(_WATCH_S)
     for child in multiprocessing.active_children():
         with contextlib.suppress(Exception):
             child.kill()
-    os._exit(3)
+    os._exit(code)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit this worker (and its own children) once its parent is gone: no orphaned ranks."""
+    while os.getppid() == parent_pid:
+        time.sleep(_WATCH_S)
+    _exit_with_children(3)
 
 
 def rank_device(device: str, rank: int, share_gpu: bool) -> str:
@@ -165,7 +170,11 @@ class Rank:
 def worker(rank: int, world: int, port: int, backend: str, conn: Any, parent_pid: int, device: str,
             share_gpu: bool, create: dict[str, Any]) -> None:
     """A rank: join the process group, build the session, then run the parent's commands until 'close'."""
+    import signal
+
     threading.Thread(target=watch_parent, args=(parent_pid,), daemon=True).start()
+    # the parent terminates ranks that must stop at once (another rank failed): take the children along
+    signal.signal(signal.SIGTERM, lambda *_: _exit_with_children(143))
     session = None
     try:
         import datetime
