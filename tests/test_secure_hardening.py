@@ -77,3 +77,23 @@ def test_too_many_refused_inputs_fail_the_session_naming_them():
         secagg.make_roster(params, "masked", ["A", "B", "C"], shares, {"B": "bad sha256", "C": "not safetensors"})
     one = secagg.make_roster(params, "masked", ["A", "B", "C"], shares, {"C": "bad sha256"})
     assert one.sites == ["A", "B"] and one.dropped == ["C"] and one.rejected == {"C": "bad sha256"}
+
+
+def test_a_masked_update_altered_after_the_roster_is_summed_from_the_verified_copy(tmp_path):
+    # Prepare: C's masked update is altered in the bucket only after the masked roster named it a survivor
+    fed, agg, sites = toy_federation(tmp_path, "ABC", mode="fedavg", rounds=1, secure_aggregation=True)
+    masked_c, roster = site_stage_key("C", "v000000", "masked"), roster_key("v000000", "masked")
+    planted = None
+    # Execute
+    for _ in range(60):
+        if all(s.state.finished for s in sites.values()):
+            break
+        agg.step()
+        if planted is None and fed.store.exists(roster):
+            planted = corrupt_blob(fed, masked_c)
+        for s in sites.values():
+            s.step()
+    # Assert: the aggregator summed the copy it verified when it closed the masked roster; C is in v1
+    assert planted is not None and all(s.state.final_version == 1 for s in sites.values())
+    m1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
+    assert sorted(c.site for c in m1.contributions) == ["A", "B", "C"]

@@ -11,7 +11,11 @@ signed rosters, so a step killed anywhere and re-run republishes identical bytes
 bucket's exclusive publish accepts an identical body as success). The roster a site answered
 at unmasking is persisted before it publishes, and a different one is refused ever after.
 The aggregator's rosters are write-once: a re-run reads the published roster instead of
-computing a new one.
+computing a new one. Before it closes the masked stage the aggregator reads and checks every
+masked input: one that does not verify makes its site a dropout, named with the reason in the
+roster's ``rejected`` (its masks are removed as any dropout's), so one corrupt file costs its
+site the session, never the session itself; with a ``cache`` the verified copies are what the
+sum reads.
 """
 
 from __future__ import annotations
