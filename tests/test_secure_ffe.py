@@ -191,3 +191,43 @@ def json_trip(doc):
     import json
 
     return json.loads(json.dumps(doc, allow_nan=False))
+
+
+def steps(agg, sites, n):
+    out = []
+    for _ in range(n):
+        out.append(agg.step())
+        for s in sites.values():
+            s.step()
+    return out
+
+
+def test_secure_ffe_checks_max_cases_on_the_case_records(tmp_path):
+    # Prepare: C has 5 cases, the federation's bound is 4 (its census count is masked; its geometry is not)
+    fed, agg, sites = federation(tmp_path, secure_aggregation=True, max_cases=4)
+    # Execute
+    results = steps(agg, sites, 12)
+    # Assert: the aggregator is blocked before the fingerprint merge, naming C; C's step says so too
+    assert results[-1].action == "blocked" and "site C claims 5 training cases" in results[-1].detail
+    assert not fed.store.exists(layout.GLOBAL_FINGERPRINT)
+    assert sites["C"].step().action == "blocked" and sites["A"].step().action == "wait"
+
+
+def test_a_corrupt_masked_census_blocks_the_set_up_naming_the_site(tmp_path):
+    from test_secure_hardening import corrupt_blob
+
+    # Prepare: B's masked census input is altered in the bucket before the aggregator closes the masked stage
+    fed, agg, sites = federation(tmp_path, secure_aggregation=True)
+    key = "sites/B/secagg/ffe-census/masked.json"
+    results = []
+    for _ in range(12):
+        results.append(agg.step())
+        for s in sites.values():
+            s.step()
+        if fed.store.exists(key) and not fed.store.exists("aggregator/secagg/ffe-census/masked.json"):
+            corrupt_blob(fed, key)
+    # Assert: the census is not published; the aggregator says why, naming B, and records the refusal
+    assert not fed.store.exists(layout.CENSUS)
+    assert results[-1].action == "blocked" and "without B" in results[-1].detail
+    assert key in agg.quarantine and "sha256" in agg.quarantine.reason(key)
+    assert sites["B"].step().action == "blocked"
