@@ -231,3 +231,21 @@ def test_a_corrupt_masked_census_blocks_the_set_up_naming_the_site(tmp_path):
     assert results[-1].action == "blocked" and "without B" in results[-1].detail
     assert key in agg.quarantine and "sha256" in agg.quarantine.reason(key)
     assert sites["B"].step().action == "blocked"
+
+
+def test_secure_ffe_set_up_with_every_party_restarted_before_every_step(tmp_path):
+    # Prepare: a new process for every party at every step (state only in workdirs and the bucket)
+    plain, p_agg, p_sites = federation(tmp_path / "plain")
+    drive(p_agg, p_sites)
+    fed, _, _ = federation(tmp_path / "secure", secure_aggregation=True)
+    root, keys = tmp_path / "secure", tmp_path / "secure" / "keys"
+    # Execute
+    for _ in range(40):
+        if fed.store.exists(layout.global_version(0)):
+            break
+        Aggregator(fed.as_party(keys / "agg.key"), root / "agg").step()
+        for i, s in enumerate(CASES):
+            Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=CASES[s], seed=i), root / s).step()
+    # Assert
+    assert fed.store.exists(layout.global_version(0))
+    assert_same_fingerprint(merged(fed).fingerprint, merged(plain).fingerprint)
