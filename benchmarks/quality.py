@@ -82,6 +82,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -101,6 +102,12 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from _common import all_met, target  # noqa: E402
 
 ARMS = ("local", "centralized", "ffe_sync", "asym_sync", "ffe_async")
+#: Privacy arms (issue 17; not in the default run): FFE with secure aggregation, and FFE with
+#: DP-FedAvg at epsilon E (``ffe_dp8``, ``ffe_dp64``: delta DP_DELTA over the whole federation; sites
+#: weighted uniformly, as DP-FedAvg requires).
+PRIVACY_ARMS = ("ffe_secure", "ffe_dp<epsilon>", "ffe_sync_repeat")  # the last: ffe_sync again, its run-to-run spread
+DP_DELTA = 1e-5
+_DP_ARM = re.compile(r"ffe_dp(\d+(?:\.\d+)?)$")
 CONFIGURATION = "2d"
 FOLD = 0
 
@@ -263,6 +270,27 @@ def make_task(root: Path, seed: int) -> Task:
     return Task(root, raw, sites, ext, pooled)
 
 
+def integer_images(task: Task) -> dict[str, int]:
+    """Store every site's images as int16, as scanners do (DICOM): raw value x k rounded, k per site =
+    max(1, round(1000 / intensity_scale)) so that each site keeps about a thousand levels per contrast
+    unit (its own units, as before; nnU-Net's z-score normalisation removes k). Secure FFE sums integer
+    intensity histograms exactly and refuses other data. Returns k per site. The pooled dataset is
+    not converted (the centralized arm is refused with this option)."""
+    import SimpleITK as sitk
+
+    factors = {}
+    for name, site in task.test_sites.items():
+        k = factors[name] = max(1, round(1000.0 / site.style.intensity_scale))
+        folders = [site.images_ts] + ([site.images_tr] if site.dataset_dir.exists() else [])
+        for path in sorted(f for folder in folders for f in folder.glob("*.nii.gz")):
+            im = sitk.ReadImage(str(path))
+            arr = np.clip(np.rint(sitk.GetArrayFromImage(im).astype(np.float64) * k), -32768, 32767).astype(np.int16)
+            out = sitk.GetImageFromArray(arr)
+            out.CopyInformation(im)
+            sitk.WriteImage(out, str(path), True)
+    return factors
+
+
 # ------------------------------------------------------------------ the slow site, nnU-Net's folders per arm
 
 class SlowMachine(threading.Thread):
@@ -414,7 +442,47 @@ def run_centralized(task: Task, budget: Budget, work: Path) -> dict[str, Any]:
     return {"models": {"*": out}, **info}
 
 
-def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool = False) -> dict[str, Any]:
+def privacy_config(arm: str, budget: Budget, clip: float | None) -> dict[str, Any]:
+    """The federation settings of a privacy arm: secure aggregation, or DP-FedAvg at the arm's epsilon
+    (the noise multiplier for ``budget.rounds`` rounds from fedfs's accountant, clip ``clip``)."""
+    if arm == "ffe_secure":
+        return {"secure_aggregation": True}
+    m = _DP_ARM.match(arm)
+    if not m:
+        return {}
+    from fedfs.privacy.dp import noise_multiplier_for
+
+    if not clip:
+        raise RuntimeError(f"{arm}: no clip norm: run ffe_sync first in the same invocation (its median first-round "
+                           "update norm is the clip) or give --dp-clip")
+    eps = float(m.group(1))
+    return {"dp_epsilon": eps, "dp_delta": DP_DELTA, "dp_clip": clip, "weighting": "uniform",
+            "dp_noise_multiplier": noise_multiplier_for(eps, DP_DELTA, budget.rounds)}
+
+
+def first_update_norms(fed_dir: Path, sites: Sequence[str]) -> dict[str, float]:
+    """Per site, the L2 norm of its round-0 update minus v0 (float tensors): what DP's clip is tuned on."""
+    from safetensors.numpy import load_file
+
+    from fedfs.federation import Federation
+    from fedfs.protocol import layout
+    from fedfs.protocol.schema import GlobalManifest
+
+    fed = Federation.open(str(fed_dir / "bucket"))
+    v0 = fed_dir / "v0.safetensors"
+    fed.bucket.get_blob_file(fed.bucket.read(layout.global_version(0), GlobalManifest).doc.blob, str(v0))
+    base = load_file(str(v0))
+    out = {}
+    for name in sites:
+        upd = load_file(str(fed_dir / "work" / name / "updates" / "r000000.safetensors"))
+        sq = sum(float(np.sum((upd[k].astype(np.float64) - base[k].astype(np.float64)) ** 2))
+                 for k in base if base[k].dtype.kind == "f" and k in upd)
+        out[name] = round(math.sqrt(sq), 6)
+    return out
+
+
+def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool = False,
+                  clip: float | None = None) -> dict[str, Any]:
     from fedfs.ops.export import export_site_model
     from fedfs.federation import Federation
     from fedfs.ops.simulate import SimulationSpec, simulate
@@ -429,7 +497,8 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool =
                           buffer_size=budget.buffer_size if aggregation == "async" else 0,
                           max_staleness=budget.rounds, trainer="nnUNetTrainer",
                           iterations_per_epoch=budget.iterations, val_iterations=budget.val_iterations,
-                          final_validation=False, site_args=site_args, poll_interval=1.0)
+                          final_validation=False, site_args=site_args, poll_interval=1.0,
+                          config=privacy_config(arm, budget, clip))
     fed_dir = work / "federations" / arm
     if fed_dir.exists():
         shutil.rmtree(fed_dir)
@@ -456,12 +525,28 @@ def run_federated(task: Task, budget: Budget, work: Path, arm: str, keep: bool =
             export_site_model(fed, name, str(task.sites[name].dataset_id), out, configuration=CONFIGURATION,
                               fold=FOLD, trainer="nnUNetTrainer")
             models[name if mode == "asym" else "*"] = out
+    norms = first_update_norms(fed_dir, list(task.sites)) if arm == "ffe_sync" else None
+    privacy = _privacy_report(fed_dir, result["final_version"], spec.config) if spec.config else None
     if not keep:  # every round's globals and updates, in the bucket and at every site: GBs at 24 rounds
         for sub in ("bucket", "work"):
             shutil.rmtree(fed_dir / sub, ignore_errors=True)
     return {"models": models, "final_version": result["final_version"], "federation_wall_s": result["wall_s"],
             "updates_folded_per_site": {s: len(v) for s, v in contributions.items()},
-            "staleness_per_site": contributions}
+            "staleness_per_site": contributions,
+            **({"first_update_norms": norms} if norms else {}),
+            **({"privacy": privacy} if privacy else {})}
+
+
+def _privacy_report(fed_dir: Path, final_version: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The arm's privacy settings and what the final global's report says (DP: the epsilon spent)."""
+    from fedfs.federation import Federation
+    from fedfs.protocol import layout
+    from fedfs.protocol.schema import GlobalManifest
+
+    fed = Federation.open(str(fed_dir / "bucket"))
+    report = fed.bucket.read(layout.global_version(final_version), GlobalManifest).doc.report
+    return {"config": dict(config), **({"dp": report["dp"]} if isinstance(report.get("dp"), dict) else {}),
+            **({"secure": report["secure"]} if isinstance(report.get("secure"), dict) else {})}
 
 
 def _contributions(fed: Any, final_version: int) -> dict[str, list[int]]:
@@ -548,20 +633,24 @@ def means(rows: Sequence[Mapping[str, Any]], sites: Sequence[str] | None = None)
     return out
 
 
-def check_targets(m: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+def check_targets(m: Mapping[str, Mapping[str, float]], arms: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Differences of mean Dice between arms; one whose arm did not run (or failed) is not measured, not met."""
-    def diff(a: str, b: str, rule: str, holds: Any) -> dict[str, Any]:
+    def diff(a: str, b: str, rule: str, holds: Any) -> dict[str, Any] | None:
+        if arms and not {a, b} <= set(arms):  # a run of other arms (the privacy arms) leaves this one out
+            return None
         if a not in m or b not in m:
             return target(rule, None, False)
         d = m[a]["dice"] - m[b]["dice"]
         return target(rule, round(d, 4), holds(d))
 
-    return {
+    found = {
         "ffe_vs_centralized": diff("ffe_sync", "centralized", "ffe - centralized >= -0.01", lambda d: d >= -0.01),
         "ffe_vs_local": diff("ffe_sync", "local", "ffe - local > 0", lambda d: d > 0),
         "asym_vs_local": diff("asym_sync", "local", "asym - local > 0", lambda d: d > 0),
         "async_vs_sync": diff("ffe_async", "ffe_sync", "|ffe_async - ffe_sync| <= 0.02", lambda d: abs(d) <= 0.02),
+        "secure_vs_ffe": diff("ffe_secure", "ffe_sync", "|ffe_secure - ffe_sync| <= 0.005", lambda d: abs(d) <= 0.005),
     }
+    return {k: v for k, v in found.items() if v is not None}
 
 
 # ------------------------------------------------------------------ machine and output
@@ -604,10 +693,18 @@ def stdout_to_stderr() -> Iterator[Any]:
         os.close(saved)
 
 
-def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool = False) -> dict[str, Any]:
+def _median(norms: Mapping[str, float] | None) -> float | None:
+    return float(np.median(list(norms.values()))) if norms else None
+
+
+def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool = False,
+        clip_norm: float | None = None, integer: bool = False) -> dict[str, Any]:
     t_start = time.monotonic()
     log(f"writing the synthetic sites in {root} ...")
     task = make_task(root, seed)
+    factors = integer_images(task) if integer else None
+    if factors:
+        log(f"images stored as int16, raw value x {factors}")
     inputs = _test_inputs(task, root)
     runners = {"local": run_local, "centralized": run_centralized}
     test_sites = list(task.test_sites)
@@ -620,8 +717,9 @@ def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool =
         log(f"arm {arm} ...")
         t0 = time.monotonic()
         try:
+            clip = clip_norm or _median((extra.get("ffe_sync") or {}).get("first_update_norms"))
             info = (runners[arm](task, budget, root) if arm in runners
-                    else run_federated(task, budget, root, arm, keep))
+                    else run_federated(task, budget, root, arm, keep, clip))
             wall[arm] = round(time.monotonic() - t0, 1)
             t0 = time.monotonic()
             per_model = evaluate(task, info["models"], inputs, root, arm, budget.tta)
@@ -637,7 +735,7 @@ def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool =
         log(f"arm {arm}: training {wall[arm]:.0f} s, evaluation {eval_s[arm]:.0f} s, mean Dice "
             f"{np.mean([r['dice'] for r in arm_rows]):.3f}")
     all_means = means(rows)
-    targets = check_targets(all_means)
+    targets = check_targets(all_means, arms)
     return {
         "benchmark": "quality",
         "budget": {**asdict(budget), "epochs_per_training_run": budget.epochs, "configuration": CONFIGURATION,
@@ -658,6 +756,7 @@ def run(budget: Budget, arms: Sequence[str], root: Path, seed: int, keep: bool =
         "errors": errors,
         "total_wall_s": round(time.monotonic() - t_start, 1),
         "seed": seed,
+        **({"integer_images": factors} if factors else {}),
         "machine": machine(),
     }
 
@@ -668,7 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the CPU budget (default)")
     size.add_argument("--full", action="store_true", help="nnU-Net's default budget (1000 x 250 iterations), for a GPU")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help=f"comma-separated subset of {','.join(ARMS)}, or privacy arms {','.join(PRIVACY_ARMS)}")
     ap.add_argument("--rounds", type=int, default=None, help="override the budget's rounds")
     ap.add_argument("--local-epochs", type=int, default=None, help="override the budget's local epochs")
     ap.add_argument("--iterations", type=int, default=None, help="override the training iterations per epoch")
@@ -687,13 +787,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--dir", default=None, help="work folder, kept (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    ap.add_argument("--dp-clip", type=float, default=None,
+                    help="DP arms' clip norm (default: the median first-round update norm of ffe_sync, run first)")
+    ap.add_argument("--integer-images", action="store_true",
+                    help="store every site's images as int16 in its own units (needed by ffe_secure: secure FFE "
+                         "sums integer histograms); not with the centralized arm")
     ap.add_argument("--keep-federations", action="store_true",
                     help="keep each federation's bucket and site folders (GBs) after export")
     args = ap.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted(a for a in set(arms) - set(ARMS) if a not in ("ffe_secure", "ffe_sync_repeat")
+                     and not _DP_ARM.match(a))
     if unknown:
-        ap.error(f"unknown arm(s) {unknown}; choose from {ARMS}")
+        ap.error(f"unknown arm(s) {unknown}; choose from {ARMS + PRIVACY_ARMS}")
+    if args.integer_images and "centralized" in arms:
+        ap.error("--integer-images converts the sites' images, not the pooled dataset: leave out the centralized arm")
     if args.slow_site is not None and args.slow_site not in _styles()[0]:
         ap.error(f"--slow-site must be one of {sorted(_styles()[0])}")
     budget = FULL if args.full else QUICK
@@ -709,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     with stdout_to_stderr() as real_stdout:
         try:
-            result = run(budget, arms, root, args.seed, args.keep_federations)
+            result = run(budget, arms, root, args.seed, args.keep_federations, args.dp_clip, args.integer_images)
             result["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         finally:
             if not args.dir:

@@ -51,6 +51,7 @@ class SimulationSpec:
     site_args: dict[str, list[str]] = field(default_factory=dict)  # extra CLI args per site
     poll_interval: float = 1.0
     watch: str = "auto"
+    config: dict[str, Any] = field(default_factory=dict)  # more FederationConfig fields (secure_aggregation, dp_*)
 
 
 def nnunet_environment(root: str | os.PathLike[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -98,7 +99,7 @@ def simulate(
         keys, sites, mode=spec.mode, configuration=spec.configuration, rounds=spec.rounds,
         local_epochs=spec.local_epochs, aggregation=spec.aggregation, buffer_size=spec.buffer_size,
         buffer_trigger=spec.buffer_trigger, max_staleness=spec.max_staleness, staleness=spec.staleness,
-        staleness_a=spec.staleness_a, staleness_b=spec.staleness_b, fold=str(spec.fold))
+        staleness_a=spec.staleness_a, staleness_b=spec.staleness_b, fold=str(spec.fold), **spec.config)
     fed, created = Federation.create(url, config, agg, storage_options=storage_options)
     say(f"federation {'created' if created else 'resumed'} at {url}: {spec.mode}, {spec.aggregation}, "
         f"{len(sites)} sites, {spec.rounds} rounds")
