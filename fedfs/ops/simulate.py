@@ -184,6 +184,6 @@ def _progress(fed: Federation) -> dict[str, str]:
             continue
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(hb.metrics.items())
                             if k in ("train_loss", "pseudo_dice", "validation_dice"))
-        said = hb.message if hb.message.startswith(hb.phase) else f"{hb.phase} {hb.message}".strip()
+        said = hb.message if hb.message.startswith(hb.phase) else f"{hb.phase}: {hb.message}".strip(": ")
         out[s] = f"site {s}: {said}" + (f" ({metrics})" if metrics else "")
     return out
