@@ -44,19 +44,51 @@ def _differs(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def _blob(fed, version: int, dest):
+    from fedfs.protocol import layout
+    from fedfs.protocol.schema import GlobalManifest
+    from fedfs.weights.tensors import load_weights
+
+    doc = fed.bucket.read(layout.global_version(version), GlobalManifest).doc
+    return doc, load_weights(fed.bucket.get_blob_file(doc.blob, str(dest)))[0]
+
+
 @pytest.mark.nnunet
 def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypatch):
+    """The real site role and aggregator, one round, then a restarted site: the site's nnU-Net is two DDP ranks."""
+    from click.testing import CliRunner
+
+    from fedfs.cli.app import main
+    from fedfs.federation import Federation
     from fedfs.nnunet.ddp import DdpSession
     from fedfs.nnunet.work import NnunetOptions, NnunetWork
-    from fedfs.weights.tensors import load_weights
+    from fedfs.protocol import layout
+    from fedfs.roles.aggregator import Aggregator
+    from fedfs.trust.signing import generate_keypair
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    work = NnunetWork(NnunetOptions(dataset=str(DATASET), trainer=TINY, num_gpus=2, ddp_on_cpu=True,
-                                    validate=False))
+    keys, url = tmp_path / "keys", str(tmp_path / "bucket")
+    generate_keypair("agg", "aggregator", keys)
+    generate_keypair("A", "site", keys)
+    r = CliRunner().invoke(main, ["init", url, "--sites", "A", "--keys", str(keys), "--rounds", "1"])
+    assert r.exit_code == 0, r.output
+    fed = Federation.open(url)
+    agg = Aggregator(fed.as_party(keys / "agg.key"), tmp_path / "w-agg")
+    options = NnunetOptions(dataset=str(DATASET), trainer=TINY, num_processes=1, num_processes_fingerprint=1,
+                            num_gpus=2, ddp_on_cpu=True, validate=False)
+
+    def site_a():
+        return fed.as_party(keys / "A.key").site(NnunetWork(options), tmp_path / "w-A")
+
+    a = site_a()
     try:
-        work.start(total_epochs=2)
-        s = work.session
+        for _ in range(40):  # census, fingerprint, plans, v0, the round
+            agg.step()
+            if fed.store.exists(layout.global_version(1)):
+                break
+            a.step()
+        s = a.work.session
         assert isinstance(s, DdpSession)
         assert [(r["rank"], r["is_ddp"], r["backend"], r["device"]) for r in s.ranks] == \
             [(0, True, "gloo", "cpu"), (1, True, "gloo", "cpu")]
@@ -65,47 +97,37 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
         assert sum(sizes) == plans_batch and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
         if plans_batch % 2 == 0:
             assert sizes == [plans_batch // 2] * 2
-
-        work.initial_weights(str(tmp_path / "v0.safetensors"))  # as a site writes its initial weights
-        glob, _ = load_weights(tmp_path / "v0.safetensors")
-        metrics = work.train_round(str(tmp_path / "v0.safetensors"), 1, str(tmp_path / "update.safetensors"))
-        assert metrics["epoch"] == 1 and metrics["num_ranks"] == 2 and metrics["train_loss"] is not None
-
         # each rank drew its own batches: equal weights after training mean DDP all-reduced the gradients
-        digests = s.rank_digests()
-        assert len(set(digests)) == 1, digests
-        update, meta = load_weights(tmp_path / "update.safetensors")
-        assert meta["kind"] == "update" and set(update) == set(glob)
-        assert _differs(update, glob)  # rank 0 wrote the trained weights, not the global
-        assert all(torch.isfinite(v).all() for v in update.values())
+        assert len(set(s.rank_digests())) == 1
+        _, v0 = _blob(fed, 0, tmp_path / "v0.safetensors")
+        final, v1 = _blob(fed, 1, tmp_path / "v1.safetensors")  # one site: its update, from rank 0
+        assert final.is_final(1) and set(v1) == set(v0) and _differs(v1, v0)
+        assert all(torch.isfinite(t).all() for t in v1.values())
+        trained = s.weights()
         assert (s.output_folder / "checkpoint_latest.pth").is_file()  # written by rank 0
-
-        # the next round starts from the global on every rank, whatever each rank held before
-        s.load_weights(glob)
-        assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), glob)
     finally:
-        pids = work.session.pids if work.session is not None else []
-        work.close()
-    assert pids and work.session.alive() == []
+        pids = a.work.session.pids if a.work.session is not None else []
+        a.work.close()
+    assert pids and a.work.session.alive() == []
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]  # joined, nothing orphaned
     with pytest.raises(NnunetError, match="closed"):
-        work.session.rank_digests()
+        a.work.session.rank_digests()
 
-    # a restarted site: every rank resumes from rank 0's nnU-Net checkpoint, then finishes
-    again = NnunetWork(NnunetOptions(dataset=str(DATASET), trainer=TINY, num_gpus=2, ddp_on_cpu=True,
-                                     validate=False))
+    b = site_a()  # a restarted site: every rank resumes from rank 0's nnU-Net checkpoint, then finishes
     try:
-        again.start(total_epochs=2)
-        assert again.epoch == 1 and again.session.resumed_from.name == "checkpoint_latest.pth"
-        assert len(set(again.session.rank_digests())) == 1 and not _differs(again.session.weights(), update)
-        out = again.finish(str(tmp_path / "update.safetensors"))
-        assert out["epochs"] == 1 and os.path.isfile(out["checkpoint_final"])
-        os.kill(again.session.pids[1], signal.SIGKILL)  # a rank that dies ends the session, naming it
+        assert b.step().action == "finished"
+        s = b.work.session
+        assert s.epoch == 1 and s.resumed_from.name == "checkpoint_latest.pth"
+        assert (s.output_folder / "checkpoint_final.pth").is_file()
+        assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), v1)  # the final global, everywhere
+        s.load_weights(v0)  # whatever each rank held, a load gives every rank the same weights
+        assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), v0) and _differs(v0, trained)
+        os.kill(s.pids[1], signal.SIGKILL)  # a rank that dies ends the session, naming it
         with pytest.raises(NnunetError, match="DDP rank 1 died during digest"):
-            again.session.rank_digests()
-        assert again.session.alive() == []  # rank 0 was stopped too
+            s.rank_digests()
+        assert s.alive() == []  # rank 0 was stopped too
     finally:
-        again.close()
+        b.work.close()
 
 
 @pytest.mark.nnunet
