@@ -68,6 +68,24 @@ it was 0.01 ahead. Matrices of 40-56 pixels instead of 64 halve the cost of an i
 which pays for the 960. The local sites train in parallel processes with cores / sites
 torch threads each, as the federated sites do.
 
+Privacy arms (issue 17, not in the default run; ``--arms ffe_sync,ffe_sync_repeat,ffe_secure,ffe_dp8,ffe_dp64
+--integer-images``, stored as ``benchmarks/results/quality_privacy.json``):
+
+* ``ffe_secure``: FFE with secure aggregation: the census and the fingerprint merge (secure FFE)
+  and every round's sum under SecAgg+ masks; target: mean Dice within 0.005 of ``ffe_sync``.
+* ``ffe_dp<epsilon>``: FFE with DP-FedAvg at that epsilon over the whole federation (delta 1e-5,
+  noise multiplier from fedfs's accountant for the rounds, uniform site weights as DP-FedAvg
+  requires), clip = the median norm of ``ffe_sync``'s first-round updates (a tuning choice
+  made outside the guarantee; ``--dp-clip`` sets it).
+* ``ffe_sync_repeat``: ``ffe_sync`` once more, the same settings: nnU-Net's training is not
+  seeded, so two plain runs differ too, and this is the scale the secure arm's difference is
+  read against.
+
+Secure FFE sums integer intensity histograms and refuses other data, so this run stores each
+site's images as int16 in its own units (``--integer-images``: raw value x k, k =
+max(1, round(1000 / intensity scale)), as scanners store DICOM); every arm of the run sees
+the same images.
+
 ``python benchmarks/quality.py --json`` prints one JSON object on stdout; everything else
 goes to stderr. About 20 minutes on two CPU cores. ``--full``: nnU-Net's default budget
 (1000 epochs of 250 iterations: 100 rounds x 10 local epochs, test-time mirroring on) for a
