@@ -173,9 +173,9 @@ def test_secure_ffe_with_nnunet_gives_plain_ffe_fingerprint(tmp_path, monkeypatc
         for s, (ds, *_) in SITES.items()}
     # Execute: step until the merged fingerprint is out (before anyone plans)
     for _ in range(20):
+        agg.step()
         if fed.store.exists(layout.GLOBAL_FINGERPRINT):
             break
-        agg.step()
         for site in sites.values():
             site.step()
     # Assert: plain FFE's merge of the sites' own (full) summaries, which never left them

@@ -97,3 +97,11 @@ def test_a_masked_update_altered_after_the_roster_is_summed_from_the_verified_co
     assert planted is not None and all(s.state.final_version == 1 for s in sites.values())
     m1 = fed.bucket.read(layout.global_version(1), GlobalManifest).doc
     assert sorted(c.site for c in m1.contributions) == ["A", "B", "C"]
+
+
+def test_a_masked_manifest_whose_blob_is_not_content_addressed_is_refused():
+    body = {"kind": "secagg-masked", "schema_version": 1, "site": "C", "session": "v000000", "roster": "a" * 64,
+            "layout": "b" * 64, "blob": {"kind": "blob", "schema_version": 1, "key": "sites/C/blobs/x.safetensors",
+                                         "sha256": "../../agg/cache/x", "size": 8}}
+    with pytest.raises(ValidationError):
+        SecAggMasked.from_dict(body, "sites/C/secagg/v000000/masked.json")

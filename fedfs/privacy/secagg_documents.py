@@ -130,6 +130,7 @@ class SecAggMasked(Document):
         check_session(self.session)
         require(bool(_HEX_SHA.match(self.roster)) and bool(_HEX_SHA.match(self.layout)), where,
                 "roster and layout must be sha256 hex digests")
+        self.blob.validate(where)  # embedded documents are not validated on their own: its sha256 names files
         require(self.blob.key.startswith(site_prefix(self.site) + "blobs/"), where,
                 "a masked input's blob lies under its own site's blobs/")
 

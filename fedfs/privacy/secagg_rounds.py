@@ -116,6 +116,7 @@ def _load_masked(bucket: Bucket, doc: SecAggMasked, cache: Path | None = None) -
     """A masked input, verified (size, sha256, safetensors, layout). With ``cache`` the verified
     payload is kept there (by sha256), so the sum reads what was checked when the masked roster
     was closed, whatever happens to the bucket's copy after."""
+    doc.blob.validate(doc.blob.key)  # its sha256 names the cached file: hex only
     if doc.blob.size > MAX_MASKED_BYTES:
         raise ValidationError(f"{doc.blob.key}: manifest says {doc.blob.size} bytes, over the "
                               f"{MAX_MASKED_BYTES}-byte limit", key=doc.blob.key)
@@ -332,7 +333,8 @@ class SecureAggregator(_Party):
             want = min(counts, key=lambda d: (-counts[d], d))
             for s, d in sorted(layouts.items()):
                 if d != want:
-                    refused[s] = f"masked input {docs[s].blob.key} refused: its tensor layout differs from the other sites'"
+                    refused[s] = (f"masked input {docs[s].blob.key} refused: its tensor layout differs from the "
+                                  "other sites'")
                     self.rejected[site_stage_key(s, self.params.session, "masked")] = (
                         f"{refused[s]}; {s} is treated as dropped in session {self.params.session}")
         return refused
