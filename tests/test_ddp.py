@@ -7,6 +7,7 @@ benchmarks/ddp_gpu.py on a GPU machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -78,8 +79,8 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
     options = NnunetOptions(dataset=str(DATASET), trainer=TINY, num_processes=1, num_processes_fingerprint=1,
                             num_gpus=2, ddp_on_cpu=True, validate=False)
 
-    def site_a():
-        return fed.as_party(keys / "A.key").site(NnunetWork(options), tmp_path / "w-A")
+    def site_a(**kw):
+        return fed.as_party(keys / "A.key").site(NnunetWork(dataclasses.replace(options, **kw)), tmp_path / "w-A")
 
     a = site_a()
     try:
@@ -113,12 +114,17 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
     with pytest.raises(NnunetError, match="closed"):
         a.work.session.rank_digests()
 
-    b = site_a()  # a restarted site: every rank resumes from rank 0's nnU-Net checkpoint, then finishes
+    # a restarted site: every rank resumes from rank 0's nnU-Net checkpoint, then finishes with nnU-Net's
+    # final validation, the validation cases split over the ranks and the summary written by rank 0
+    b = site_a(validate=True, validation_processes=1)
     try:
         assert b.step().action == "finished"
         s = b.work.session
         assert s.epoch == 1 and s.resumed_from.name == "checkpoint_latest.pth"
         assert (s.output_folder / "checkpoint_final.pth").is_file()
+        n_val = s.split_sizes()[1]
+        assert len(list((s.output_folder / "validation").glob("*.nii.gz"))) == n_val >= 2  # both ranks' shares
+        assert 0 <= b.state.summary["validation_dice"] <= 1
         assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), v1)  # the final global, everywhere
         s.load_weights(v0)  # whatever each rank held, a load gives every rank the same weights
         assert len(set(s.rank_digests())) == 1 and not _differs(s.weights(), v0) and _differs(v0, trained)
