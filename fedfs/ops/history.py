@@ -78,7 +78,7 @@ def collect_history(fed: Federation, *, layers: bool = True) -> dict[str, Any]:
             "heartbeat_age_s": age_s(hb.signed_at if hb else None, now),
             "silent": is_silent(hb.doc.phase if hb else None, age_s(hb.signed_at if hb else None, now), False),
             "metrics": dict(hb.doc.metrics) if hb else {},
-            "cases": census.doc.num_cases if census else None,
+            "cases": census.doc.num_cases if census and not census.doc.masked else None,  # secure FFE: masked
             "plans": None if plans is None else {
                 "identifier": plans.doc.plans_identifier, "configuration": plans.doc.configuration,
                 "digest": plans.doc.digest, "summary": plans.doc.summary,
