@@ -129,7 +129,9 @@ def site_fingerprint(redo: bool, **kw: Any) -> None:
     The dataset is checked first (every image has its label file, every channel its
     image). With --redo, a corrected dataset supersedes what was published; the
     aggregator then merges again. After the initial global v0 it is refused: a
-    corrected dataset then needs a new federation.
+    corrected dataset then needs a new federation. With secure aggregation the
+    counts and intensity histograms go into masked sums (only the case geometry
+    is published in the clear; intensities must be integers) and --redo is refused.
 
     \b
     Example:
