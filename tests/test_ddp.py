@@ -137,15 +137,20 @@ def test_two_gloo_ranks_train_a_federated_round_in_step(site, tmp_path, monkeypa
 
 
 @pytest.mark.nnunet
-def test_a_rank_that_fails_is_named_and_every_rank_stops(site, tmp_path, monkeypatch):
+def test_a_rank_that_fails_is_named_and_every_rank_stops(tmp_path, monkeypatch):
     import multiprocessing
 
     from fedfs.nnunet.ddp import DdpSession
 
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
     before = {p.pid for p in multiprocessing.active_children()}
-    with pytest.raises(NnunetError, match=r"DDP rank \d failed during start: NnunetError: .*nnUNetTrainerNoSuch"):
-        DdpSession.create(DATASET, "2d", 0, "nnUNetTrainerNoSuch", "nnUNetPlans", "cpu", num_gpus=2,
+    from fedfs.nnunet.trainers.fedfs_tiny_trainer import nnUNetTrainerFedfsTiny
+
+    # a trainer class (pickled by name for the ranks) and a dataset no rank has
+    with pytest.raises(NnunetError, match=r"DDP rank \d failed during start: NnunetError: .*dataset 998"):
+        DdpSession.create(998, "2d", 0, nnUNetTrainerFedfsTiny, "nnUNetPlans", "cpu", num_gpus=2,
                           total_epochs=1, allow_cpu=True, env={"nnUNet_n_proc_DA": "0"})
     assert {p.pid for p in multiprocessing.active_children()} <= before
 
