@@ -117,6 +117,30 @@ def test_own_header_writer_is_readable_by_safetensors(tmp_path):
 
 
 
+def test_save_is_byte_deterministic_and_readable_by_safetensors(tmp_path):
+    """Same weights and metadata, same bytes (safetensors' own writer orders a metadata map of two or
+    more keys at random, so a re-published update after a crash was a different blob)."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = {"b.w": torch.randn(3, 4), "a.n": torch.arange(5, dtype=torch.int64), "c.h": torch.randn(2).half(),
+             "d.bf": torch.randn(2, 2).bfloat16(), "e.scalar": torch.tensor(3.0), "f.empty": torch.zeros(0, 3)}
+    meta = {"site": "A", "num_cases": "12", "base_version": "3", "round": "4"}
+    digests = set()
+    for i in range(6):
+        save_weights(tmp_path / f"{i}.safetensors", state, dict(reversed(list(meta.items()))) if i % 2 else meta)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    back = load_file(str(tmp_path / "0.safetensors"))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype
+                                           for k in state)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+    assert inspect_weights(tmp_path / "0.safetensors").metadata == meta
+
+
 def test_header_parsing_never_imports_torch():
     # Execute: a fresh interpreter reads keys and shapes through fedfs.weights.header
     code = ("import sys, fedfs.weights.header as h, fedfs.fl.combination; "

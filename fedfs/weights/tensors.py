@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import ValidationError
-from .header import ALLOWED_DTYPES, FLOAT_DTYPES, MAX_HEADER, WeightsInfo, inspect_weights, read_at
+from .header import ALLOWED_DTYPES, FLOAT_DTYPES, MAX_HEADER, WeightsInfo, inspect_weights, read_at, \
+    safetensors_header
 
 __all__ = [
     "TORCH_DTYPES",
@@ -101,10 +102,12 @@ def save_weights(path: str | os.PathLike[str], tensors: torch.nn.Module | Mappin
     """Write ``tensors`` (a module or a state dict, canonicalised) as safetensors.
 
     The file appears atomically (temporary file, then rename), so a crash never
-    leaves half a file under ``path``.
+    leaves half a file under ``path``. Byte-deterministic: the header comes from
+    :func:`~fedfs.weights.header.safetensors_header` (tensors and metadata in sorted key
+    order), then the tensors' bytes in that order, so the same weights and metadata give
+    the same file and the same sha256 (safetensors' own writer orders a metadata map of two
+    or more keys at random), and a re-published update after a crash is the same blob.
     """
-    from safetensors.torch import save_file
-
     state = canonical_state(tensors)
     for key, t in state.items():
         if t.dtype not in _TORCH_TO_NAME:
@@ -115,8 +118,15 @@ def save_weights(path: str | os.PathLike[str], tensors: torch.nn.Module | Mappin
             raise ValidationError(f"metadata must map str to str, got {k!r}: {v!r}")
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.incomplete"
+    entries = [(key, _TORCH_TO_NAME[state[key].dtype], tuple(state[key].shape)) for key in sorted(state)]
+    header, _offsets = safetensors_header(entries, meta)
     try:
-        save_file(state, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for key, _dtype, _shape in entries:
+                t = state[key].detach().cpu().contiguous().reshape(-1)
+                if t.numel():
+                    f.write(memoryview(t.view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
