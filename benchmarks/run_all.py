@@ -409,7 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         mach = machine()
         chosen = [b for b in BENCHMARKS if (not args.only or b[0] in args.only) and b[0] not in args.skip]
         for name, script, bench_args, _what in chosen:
-            records[name] = run_one(name, script, bench_args, args.timeout)
+            record = run_one(name, script, bench_args, args.timeout)
+            # re-read: another run_all (--only another benchmark) may have recorded its own meanwhile
+            records = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            records[name] = record
             records["_meta"] = {"machine": mach,
                                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             meta_file.write_text(json.dumps(records, indent=1) + "\n")
