@@ -18,6 +18,32 @@ class TestS3(StoreTests):
         return s3_url
 
 
+def test_s3_listing_is_one_request_per_page(s3_url, monkeypatch):
+    """One ListObjectsV2 per page of keys (s3fs's find made 2 LISTs and a HEAD for a small folder), pages
+    followed to the end, a sibling prefix (``p`` against ``pq``) and folder markers left out."""
+    from fedfs.store import open_store
+
+    store = open_store(s3_url)
+    for key in ("p/a.json", "p/b.json", "p/sub/c.json", "p/sub/d.json", "p/e.json", "pq/x.json"):
+        store.write_bytes(key, b"{}")
+    store.fs.pipe_file(store._p("p/folder/"), b"")  # a zero-byte folder marker, as consoles create
+    calls: list[str] = []
+    real = store.fs.call_s3
+
+    def counted(method, *args, **kwargs):
+        calls.append(method)
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "call_s3", counted)
+    assert store.list("p") == ["p/a.json", "p/b.json", "p/e.json", "p/sub/c.json", "p/sub/d.json"]
+    assert calls == ["list_objects_v2"]
+    calls.clear()
+    monkeypatch.setattr(store, "list_page", 2)
+    assert store.list("p/") == ["p/a.json", "p/b.json", "p/e.json", "p/sub/c.json", "p/sub/d.json"]
+    assert calls == ["list_objects_v2"] * 3  # 6 keys (the marker too) at 2 a page
+    assert store.list("missing") == []
+
+
 def _client_error(code: str, **extra: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": f"{code} message", **extra}}, "PutObject")
 

@@ -76,6 +76,7 @@ class S3Store(Store):
     error_table = S3_ERRORS
     accepted_options = S3_OPTIONS
     kind = "an S3 bucket"
+    list_page = 1000  # keys per ListObjectsV2 request (S3's maximum)
 
     def __init__(self, url: str, bucket_path: str, **options: Any) -> None:
         super().__init__(url)
@@ -135,11 +136,21 @@ class S3Store(Store):
         return self._head(key) is not None
 
     def _list(self, prefix: str) -> list[str]:
-        root = self.prefix + "/"
-        base = self._p(prefix.rstrip("/")) if prefix else self.prefix
-        self.fs.invalidate_cache()
-        found = self.fs.find(base)
-        return [p[len(root):] for p in found if p.startswith(root)]
+        """ListObjectsV2 pages under the prefix: one request per 1,000 keys (s3fs's ``find``
+        made 2 LISTs and a HEAD for one small folder)."""
+        bucket, root, _ = self.fs.split_path(self.prefix)
+        root = root.strip("/") + "/" if root.strip("/") else ""
+        want = root + prefix.strip("/") + "/" if prefix.strip("/") else root
+        keys: list[str] = []
+        token = None
+        while True:
+            page = self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=want, MaxKeys=self.list_page,
+                                   **({"ContinuationToken": token} if token else {}))
+            keys += [o["Key"][len(root):] for o in page.get("Contents", ())
+                     if o["Key"].startswith(root) and not o["Key"].endswith("/")]  # no folder markers
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return keys
 
     def _size(self, key: str) -> int:
         head = self._head(key)
