@@ -41,6 +41,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "nnU-Net writes its own local checkpoint",
     ("nnunet/training.py", "NnunetSession.train_epochs", "call .save_checkpoint"):
         "fedfs's wrapper above, called after the epochs of a round",
+    # a DDP rank (worker process) forwards the parent's command to that same wrapper of its own session
+    ("nnunet/ddp_worker.py", "Rank.save_checkpoint", "call .save_checkpoint"):
+        "fedfs's wrapper above, in a DDP rank's process",
     # export: a local nnU-Net model folder for nnUNetv2_predict, whose loader needs checkpoint_final.pth
     # (torch.save format); the weights in it come from a verified safetensors global.
     ("nnunet/inference.py", "export_model_folder", "call torch.save"): "local model folder for nnU-Net's predictor",
