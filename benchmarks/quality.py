@@ -69,7 +69,7 @@ which pays for the 960. The local sites train in parallel processes with cores /
 torch threads each, as the federated sites do.
 
 Privacy arms (issue 17, not in the default run; ``--arms ffe_sync,ffe_sync_repeat,ffe_secure,ffe_dp8,ffe_dp64
---integer-images``, stored as ``benchmarks/results/quality_privacy.json``):
+--integer-images``, stored as ``benchmarks/results/privacy-full/quality_privacy.json``):
 
 * ``ffe_secure``: FFE with secure aggregation: the census and the fingerprint merge (secure FFE)
   and every round's sum under SecAgg+ masks; target: mean Dice within 0.005 of ``ffe_sync``.
