@@ -7,12 +7,12 @@ stored JSON under ``benchmarks/results/`` is what ``docs/benchmarks.md`` is rend
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from benchmark_module import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = sorted(p for p in (BENCH / "results").glob("*.json") if p.name != "run_all.json")
@@ -20,13 +20,7 @@ RESULTS = sorted(p for p in (BENCH / "results").glob("*.json") if p.name != "run
 
 @pytest.fixture(scope="module")
 def run_all():
-    name = "fedfs_benchmarks_run_all"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / "run_all.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_benchmark("run_all")
 
 
 def test_every_benchmark_has_a_stored_result(run_all):

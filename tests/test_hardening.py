@@ -14,7 +14,7 @@ from fedfs.protocol.schema import BlobRef, GlobalManifest, UpdateManifest
 from fedfs.roles.aggregator import Aggregator
 from fedfs.roles.quarantine import MAX_RECORDS
 from fedfs.roles.site import Site
-from fedfs.testing.toy import ToyWork
+from fedfs.testing.toy import ToyWork, drive, step_all
 from fedfs.trust.signing import generate_keypair
 from fedfs.weights.tensors import load_weights, save_weights
 
@@ -31,23 +31,6 @@ def make_fed(root, cases=(6, 3, 1), **settings):
     sites = {s: Site(fed.as_party(keys / f"{s}.key"), ToyWork(s, cases=n, seed=i + 1), root / f"site-{s}")
              for i, (s, n) in enumerate(zip(names, cases))}
     return fed, keys, aggregator, sites
-
-
-def step_all(aggregator, sites, times=1):
-    out = []
-    for _ in range(times):
-        out.append(aggregator.step())
-        for s in sites.values():
-            s.step()
-    return out
-
-
-def drive(aggregator, sites, max_steps=60):
-    for _ in range(max_steps):
-        if all(s.state.finished for s in sites.values()):
-            return
-        step_all(aggregator, sites)
-    raise AssertionError("the federation did not finish")
 
 
 def test_a_site_claiming_implausible_cases_is_refused_at_the_census(tmp_path):

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def q():
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality")
 
 
 def _mask(shape, *points):

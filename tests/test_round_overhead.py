@@ -3,20 +3,14 @@ site moves one model each way per round (benchmarks/round_overhead.py measures i
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "round_overhead.py"
+from benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ro():
-    spec = importlib.util.spec_from_file_location("round_overhead_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("round_overhead")
 
 
 def test_idle_poll_cost_does_not_grow_with_history(ro, tmp_path, keys):

@@ -8,22 +8,20 @@ polling a folder, every store call counted). Only counts are asserted, never tim
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_module import load_benchmark
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scale")
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,8 @@ import torch
 
 from fedfs import layout
 from fedfs.protocol.schema import GlobalManifest
-from fedfs.testing.toy import toy_federation
+from fedfs.testing.toy import drive, toy_federation
 from fedfs.weights.tensors import load_weights
-
-
-def drive(aggregator, sites, max_steps=80, skip=()):
-    for _ in range(max_steps):
-        if all(s.state.finished for n, s in sites.items() if n not in skip):
-            return
-        aggregator.step()
-        for n, s in sites.items():
-            if n not in skip:
-                s.step()
-    raise AssertionError("the federation did not finish")
 
 
 def final_weights(fed, tmp_path, version):
@@ -35,8 +24,8 @@ def test_a_secure_federation_finishes_and_matches_plain_fedavg(tmp_path):
     secure, s_agg, s_sites = toy_federation(tmp_path / "secure", "ABC", mode="fedavg", rounds=2,
                                             secure_aggregation=True)
     # Execute
-    drive(p_agg, p_sites)
-    drive(s_agg, s_sites)
+    drive(p_agg, p_sites, max_steps=80)
+    drive(s_agg, s_sites, max_steps=80)
     # Assert: no update manifest was ever published; v1 (same inputs: v0 and one round) equals plain FedAvg
     assert not any("/updates/" in k for k in secure.store.list(layout.SITES))
     m1, w1 = final_weights(secure, tmp_path / "secure", 1)

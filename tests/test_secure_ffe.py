@@ -14,7 +14,7 @@ from fedfs.errors import ConfigError
 from fedfs.protocol.schema import Census, FingerprintSummary, GlobalFingerprint, GlobalManifest, SiteCensus
 from fedfs.roles.aggregator import Aggregator
 from fedfs.roles.site import Site
-from fedfs.testing.toy import ToyWork, toy_federation
+from fedfs.testing.toy import ToyWork, drive, step_all, toy_federation
 from fedfs.weights.tensors import load_weights
 
 CASES = {"A": 2, "B": 3, "C": 5}
@@ -25,18 +25,6 @@ def federation(root, **settings):
     for s, site in sites.items():
         site.work.cases = CASES[s]
     return fed, agg, sites
-
-
-def drive(agg, sites, max_steps=60, on_step=None):
-    for i in range(max_steps):
-        if all(s.state.finished for s in sites.values()):
-            return
-        agg.step()
-        for name in list(sites):
-            r = sites[name].step()
-            if on_step is not None:
-                on_step(name, r)
-    raise AssertionError("the federation did not finish")
 
 
 def merged(fed):
@@ -193,20 +181,11 @@ def json_trip(doc):
     return json.loads(json.dumps(doc, allow_nan=False))
 
 
-def steps(agg, sites, n):
-    out = []
-    for _ in range(n):
-        out.append(agg.step())
-        for s in sites.values():
-            s.step()
-    return out
-
-
 def test_secure_ffe_checks_max_cases_on_the_case_records(tmp_path):
     # Prepare: C has 5 cases, the federation's bound is 4 (its census count is masked; its geometry is not)
     fed, agg, sites = federation(tmp_path, secure_aggregation=True, max_cases=4)
     # Execute
-    results = steps(agg, sites, 12)
+    results = step_all(agg, sites, 12)
     # Assert: the aggregator is blocked before the fingerprint merge, naming C; C's step says so too
     assert results[-1].action == "blocked" and "site C claims 5 training cases" in results[-1].detail
     assert not fed.store.exists(layout.GLOBAL_FINGERPRINT)

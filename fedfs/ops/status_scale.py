@@ -11,8 +11,9 @@ holds everything. Pure data over a :func:`~fedfs.ops.status.collect_status` dict
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 from typing import Any
+
+from .report_scale import phase_counts
 
 __all__ = ["STATUS_ROWS", "TOP_SITES", "at_scale", "phase_line", "notable_sites", "contribution_lines"]
 
@@ -29,8 +30,7 @@ def at_scale(d: dict[str, Any]) -> bool:
 def phase_line(d: dict[str, Any]) -> str:
     """``1000 sites: 950 training, 40 waiting, 10 done; 3 silent; 5 with rejected files``."""
     sites = d["sites"]
-    counts = Counter(s["phase"] for s in sites.values())
-    line = f"{len(sites)} sites: " + ", ".join(f"{n} {phase}" for phase, n in counts.most_common())
+    line = f"{len(sites)} sites: " + ", ".join(f"{n} {phase}" for phase, n in phase_counts(d).items())
     silent = sum(1 for s in sites.values() if s.get("silent"))
     rejected = sum(1 for s in sites.values() if s["rejected"])
     extra = ([f"{silent} silent"] if silent else []) + ([f"{rejected} with rejected files"] if rejected else [])

@@ -144,3 +144,30 @@ def toy_federation(root: Any, names: str | list[str] = "AB", *, work: type = Toy
     sites = {s: Site(fed.as_party(keys / f"{s}.key"), work(s, cases=cases, seed=i), root / s)
              for i, s in enumerate(names)}
     return fed, aggregator, sites
+
+
+def step_all(aggregator: Any, sites: dict[str, Any], times: int = 1, *, skip: Any = (),
+             on_step: Any = None) -> list[Any]:
+    """Round-robin, ``times`` times: the aggregator steps, then each site not in ``skip`` (looked up by
+    name at its turn, so ``on_step(name, result)`` may replace a site, as a restart does). Returns the
+    aggregator's step results."""
+    out = []
+    for _ in range(times):
+        out.append(aggregator.step())
+        for name in list(sites):
+            if name not in skip:
+                result = sites[name].step()
+                if on_step is not None:
+                    on_step(name, result)
+    return out
+
+
+def drive(aggregator: Any, sites: dict[str, Any], max_steps: int = 60, *, skip: Any = (),
+          on_step: Any = None) -> list[Any]:
+    """:func:`step_all` until every site not in ``skip`` has finished; AssertionError after ``max_steps``."""
+    out: list[Any] = []
+    for _ in range(max_steps):
+        if all(s.state.finished for n, s in sites.items() if n not in skip):
+            return out
+        out += step_all(aggregator, sites, skip=skip, on_step=on_step)
+    raise AssertionError("the federation did not finish")
